@@ -1,0 +1,133 @@
+// Fused Adam/AdamW step on the CPU: one pass over param, grad, moments,
+// optional fp32 master and optional running average, in one parallel region.
+#include "multi_tensor.h"
+#include "plans.h"
+#include "fasttricks/adam_math.h"
+
+#include <cmath>
+
+namespace fasttricks {
+namespace cpu {
+namespace {
+
+template <typename P, typename S>
+struct AdamPtrs {
+  P* param;
+  const P* grad;
+  S *master, *exp_avg, *exp_avg_sq, *max_exp_avg_sq, *avg;
+};
+
+template <typename P, typename S, bool AMSGRAD, bool DECOUPLED, bool AVERAGE>
+void adam_kernel(const std::vector<AdamPtrs<P, S>>& ptrs, const std::vector<int64_t>& numels,
+                 const std::vector<AdamCoefs<typename OpMath<S>::type>>& coefs,
+                 typename OpMath<S>::type avg_coef) {
+  using PIO = VecIO<P>;
+  using SIO = VecIO<S>;
+  using OVec = typename SIO::OVec;
+  static_assert(std::is_same_v<typename PIO::OVec, OVec>, "param and state must share a math type");
+  constexpr bool MASTER = !std::is_same_v<P, S>;
+  constexpr int64_t kUnit = SIO::kUnit;
+
+  run_chunks(numels, [&](const Chunk& ch) {
+    const auto& t = ptrs[ch.tensor];
+    const auto& c = coefs[ch.tensor];
+    for (int64_t i = ch.begin; i < ch.end; i += kUnit) {
+      const int64_t n = std::min(kUnit, ch.end - i);
+      OVec w0, w1, g0, g1, m0, m1, v0, v1, x0, x1;
+      if constexpr (MASTER) SIO::load(t.master + i, n, w0, w1);
+      else PIO::load(t.param + i, n, w0, w1);
+      PIO::load(t.grad + i, n, g0, g1);
+      SIO::load(t.exp_avg + i, n, m0, m1);
+      SIO::load(t.exp_avg_sq + i, n, v0, v1);
+      if constexpr (AMSGRAD) SIO::load(t.max_exp_avg_sq + i, n, x0, x1);
+      adam_update<AMSGRAD, DECOUPLED>(w0, g0, m0, v0, x0, c);
+      adam_update<AMSGRAD, DECOUPLED>(w1, g1, m1, v1, x1, c);
+      SIO::store(t.exp_avg + i, n, m0, m1);
+      SIO::store(t.exp_avg_sq + i, n, v0, v1);
+      if constexpr (AMSGRAD) SIO::store(t.max_exp_avg_sq + i, n, x0, x1);
+      if constexpr (MASTER) SIO::store(t.master + i, n, w0, w1);
+      PIO::store(t.param + i, n, w0, w1);
+      if constexpr (AVERAGE) {
+        OVec a0, a1;
+        SIO::load(t.avg + i, n, a0, a1);
+        average_update(a0, w0, avg_coef);
+        average_update(a1, w1, avg_coef);
+        SIO::store(t.avg + i, n, a0, a1);
+      }
+    }
+  });
+}
+
+template <typename O>
+AdamCoefs<O> cast_coefs(const AdamCoefs<double>& d) {
+  return AdamCoefs<O>{O(d.beta1), O(d.one_minus_beta1), O(d.beta2), O(d.one_minus_beta2),
+                      O(d.eps), O(d.weight_decay), O(d.decay_factor), O(d.step_size),
+                      O(d.inv_bias_correction2_sqrt), O(d.grad_mul)};
+}
+
+enum AdamSlot { kExpAvg = 0, kExpAvgSq = 1, kMaxExpAvgSq = 2, kMaster = 3 };
+
+}  // namespace
+
+AdamPlan::AdamPlan(std::vector<at::Tensor> params, std::vector<at::Tensor> steps,
+                   std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs,
+                   std::vector<at::Tensor> max_exp_avg_sqs, std::vector<at::Tensor> masters,
+                   bool amsgrad, bool decoupled)
+    : PlanBase("Adam", std::move(params), {std::move(exp_avgs), std::move(exp_avg_sqs),
+                                           std::move(max_exp_avg_sqs), std::move(masters)}),
+      steps_(std::move(steps)), amsgrad_(amsgrad), decoupled_(decoupled) {
+  TORCH_CHECK(steps_.size() == params_.size(), "Adam plan: one step tensor per parameter");
+  TORCH_CHECK(!amsgrad_ || slots_[kMaxExpAvgSq].size() == params_.size(),
+              "Adam plan: amsgrad needs max_exp_avg_sq for every parameter");
+}
+
+int64_t AdamPlan::step(double lr, double beta1, double beta2, double eps, double weight_decay,
+                       bool maximize, double grad_mul, const std::optional<at::Tensor>& grad_scale,
+                       const std::optional<at::Tensor>& found_inf, double avg_coef) {
+  std::vector<std::pair<at::Tensor, at::Tensor>> writeback;
+  auto gathered = gather(writeback);  // validates everything before anything is written
+  if (found_inf_set(found_inf)) return -1;
+  const double mul = grad_mul * inv_grad_scale(grad_scale) * (maximize ? -1.0 : 1.0);
+  const bool average = has_averages() && avg_coef != 0.0;
+
+  std::vector<AdamCoefs<double>> coefs;
+  std::vector<int64_t> numels;
+  coefs.reserve(gathered.size());
+  numels.reserve(gathered.size());
+  for (const auto& g : gathered) {
+    const double t = bump_step(steps_[g.index]);
+    coefs.push_back(make_adam_coefs<double>(
+        lr, beta1, beta2, eps, weight_decay, decoupled_, t, mul,
+        [](double a, double b) { return std::pow(a, b); }, [](double a) { return std::sqrt(a); }));
+    numels.push_back(g.param.numel());
+  }
+
+  dispatch_dtypes(param_dtype(), state_dtype(), "Adam", [&](auto ptag, auto stag) {
+    using P = typename decltype(ptag)::type;
+    using S = typename decltype(stag)::type;
+    using O = typename OpMath<S>::type;
+    std::vector<AdamPtrs<P, S>> ptrs;
+    std::vector<AdamCoefs<O>> ocoefs;
+    for (size_t k = 0; k < gathered.size(); ++k) {
+      const auto& g = gathered[k];
+      ptrs.push_back({static_cast<P*>(g.param.data_ptr()), static_cast<const P*>(g.grad.data_ptr()),
+                      ptr_or_null<S>(g.slots[kMaster]), ptr_or_null<S>(g.slots[kExpAvg]),
+                      ptr_or_null<S>(g.slots[kExpAvgSq]), ptr_or_null<S>(g.slots[kMaxExpAvgSq]),
+                      average ? ptr_or_null<S>(g.avg) : nullptr});
+      ocoefs.push_back(cast_coefs<O>(coefs[k]));
+    }
+    dispatch_bool(amsgrad_, [&](auto ams) {
+      dispatch_bool(decoupled_, [&](auto dec) {
+        dispatch_bool(average, [&](auto avg) {
+          adam_kernel<P, S, kOn<decltype(ams)>, kOn<decltype(dec)>, kOn<decltype(avg)>>(
+              ptrs, numels, ocoefs, O(avg_coef));
+        });
+      });
+    });
+  });
+  apply_writeback(writeback);
+  return static_cast<int64_t>(gathered.size());
+}
+
+}  // namespace cpu
+}  // namespace fasttricks

@@ -1,0 +1,43 @@
+// Python bindings of the CPU extension fasttricks._C.
+#include <torch/extension.h>
+
+#include "plans.h"
+
+namespace ftc = fasttricks::cpu;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fasttricks fused CPU kernels (at::vec, one parallel region per step)";
+  m.attr("simd") = py::str(
+#if defined(CPU_CAPABILITY_AVX512)
+      "avx512"
+#elif defined(CPU_CAPABILITY_AVX2)
+      "avx2"
+#else
+      "default"
+#endif
+  );
+
+  py::class_<ftc::AdamPlan>(m, "AdamPlan", py::dynamic_attr())
+      .def(py::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                    std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, bool,
+                    bool>(),
+           py::arg("params"), py::arg("steps"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
+           py::arg("max_exp_avg_sqs"), py::arg("masters"), py::arg("amsgrad"), py::arg("decoupled"))
+      .def("step", &ftc::AdamPlan::step, py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
+           py::arg("eps"), py::arg("weight_decay"), py::arg("maximize"), py::arg("grad_mul"),
+           py::arg("grad_scale"), py::arg("found_inf"), py::arg("avg_coef"))
+      .def("set_averages", &ftc::AdamPlan::set_averages)
+      .def("__len__", &ftc::AdamPlan::size);
+
+  py::class_<ftc::SgdPlan>(m, "SgdPlan", py::dynamic_attr())
+      .def(py::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                    std::vector<bool>, bool, bool>(),
+           py::arg("params"), py::arg("momentum_buffers"), py::arg("masters"),
+           py::arg("first_step"), py::arg("nesterov"), py::arg("decoupled"))
+      .def("step", &ftc::SgdPlan::step, py::arg("lr"), py::arg("weight_decay"),
+           py::arg("momentum"), py::arg("dampening"), py::arg("maximize"), py::arg("grad_mul"),
+           py::arg("grad_scale"), py::arg("found_inf"), py::arg("avg_coef"))
+      .def("set_averages", &ftc::SgdPlan::set_averages)
+      .def("first_step_flags", &ftc::SgdPlan::first_step_flags)
+      .def("__len__", &ftc::SgdPlan::size);
+}

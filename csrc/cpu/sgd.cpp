@@ -1,0 +1,121 @@
+// Fused SGD/SGDW step on the CPU: one pass over param, grad, momentum buffer,
+// optional fp32 master and optional running average, in one parallel region.
+#include "multi_tensor.h"
+#include "plans.h"
+#include "fasttricks/sgd_math.h"
+
+namespace fasttricks {
+namespace cpu {
+namespace {
+
+template <typename P, typename S>
+struct SgdPtrs {
+  P* param;
+  const P* grad;
+  S *master, *buf, *avg;
+  bool first_step;
+};
+
+template <typename P, typename S, bool MOMENTUM, bool NESTEROV, bool DECOUPLED, bool AVERAGE>
+void sgd_kernel(const std::vector<SgdPtrs<P, S>>& ptrs, const std::vector<int64_t>& numels,
+                const SgdCoefs<typename OpMath<S>::type>& c, typename OpMath<S>::type avg_coef) {
+  using PIO = VecIO<P>;
+  using SIO = VecIO<S>;
+  using OVec = typename SIO::OVec;
+  constexpr bool MASTER = !std::is_same_v<P, S>;
+  constexpr int64_t kUnit = SIO::kUnit;
+
+  run_chunks(numels, [&](const Chunk& ch) {
+    const auto& t = ptrs[ch.tensor];
+    for (int64_t i = ch.begin; i < ch.end; i += kUnit) {
+      const int64_t n = std::min(kUnit, ch.end - i);
+      OVec w0, w1, g0, g1, b0, b1;
+      if constexpr (MASTER) SIO::load(t.master + i, n, w0, w1);
+      else PIO::load(t.param + i, n, w0, w1);
+      PIO::load(t.grad + i, n, g0, g1);
+      if constexpr (MOMENTUM) {
+        if (!t.first_step) SIO::load(t.buf + i, n, b0, b1);
+      }
+      sgd_update<MOMENTUM, NESTEROV, DECOUPLED>(w0, g0, b0, t.first_step, c);
+      sgd_update<MOMENTUM, NESTEROV, DECOUPLED>(w1, g1, b1, t.first_step, c);
+      if constexpr (MOMENTUM) SIO::store(t.buf + i, n, b0, b1);
+      if constexpr (MASTER) SIO::store(t.master + i, n, w0, w1);
+      PIO::store(t.param + i, n, w0, w1);
+      if constexpr (AVERAGE) {
+        OVec a0, a1;
+        SIO::load(t.avg + i, n, a0, a1);
+        average_update(a0, w0, avg_coef);
+        average_update(a1, w1, avg_coef);
+        SIO::store(t.avg + i, n, a0, a1);
+      }
+    }
+  });
+}
+
+enum SgdSlot { kBuf = 0, kMaster = 1 };
+
+}  // namespace
+
+SgdPlan::SgdPlan(std::vector<at::Tensor> params, std::vector<at::Tensor> momentum_buffers,
+                 std::vector<at::Tensor> masters, std::vector<bool> first_step, bool nesterov,
+                 bool decoupled)
+    : PlanBase("SGD", std::move(params), {std::move(momentum_buffers), std::move(masters)}),
+      first_step_(first_step.begin(), first_step.end()), momentum_(!slots_[kBuf].empty()),
+      nesterov_(nesterov), decoupled_(decoupled) {
+  TORCH_CHECK(!momentum_ || first_step_.size() == params_.size(),
+              "SGD plan: one first-step flag per parameter");
+  TORCH_CHECK(momentum_ || !nesterov_, "SGD plan: nesterov needs momentum buffers");
+}
+
+int64_t SgdPlan::step(double lr, double weight_decay, double momentum, double dampening,
+                      bool maximize, double grad_mul, const std::optional<at::Tensor>& grad_scale,
+                      const std::optional<at::Tensor>& found_inf, double avg_coef) {
+  std::vector<std::pair<at::Tensor, at::Tensor>> writeback;
+  auto gathered = gather(writeback);
+  if (found_inf_set(found_inf)) return -1;
+  const double mul = grad_mul * inv_grad_scale(grad_scale) * (maximize ? -1.0 : 1.0);
+  const bool average = has_averages() && avg_coef != 0.0;
+  const auto coefs = make_sgd_coefs<double>(lr, weight_decay, decoupled_, momentum, dampening, mul);
+
+  std::vector<int64_t> numels;
+  for (const auto& g : gathered) numels.push_back(g.param.numel());
+
+  dispatch_dtypes(param_dtype(), state_dtype(), "SGD", [&](auto ptag, auto stag) {
+    using P = typename decltype(ptag)::type;
+    using S = typename decltype(stag)::type;
+    using O = typename OpMath<S>::type;
+    std::vector<SgdPtrs<P, S>> ptrs;
+    for (const auto& g : gathered) {
+      ptrs.push_back({static_cast<P*>(g.param.data_ptr()), static_cast<const P*>(g.grad.data_ptr()),
+                      ptr_or_null<S>(g.slots[kMaster]), ptr_or_null<S>(g.slots[kBuf]),
+                      average ? ptr_or_null<S>(g.avg) : nullptr,
+                      momentum_ && first_step_[g.index] != 0});
+    }
+    const SgdCoefs<O> oc{O(coefs.lr), O(coefs.weight_decay), O(coefs.decay_factor),
+                         O(coefs.momentum), O(coefs.one_minus_dampening), O(coefs.grad_mul)};
+    dispatch_bool(momentum_, [&](auto mom) {
+      dispatch_bool(nesterov_ && momentum_, [&](auto nes) {
+        dispatch_bool(decoupled_, [&](auto dec) {
+          dispatch_bool(average, [&](auto avg) {
+            if constexpr (kOn<decltype(mom)> || !kOn<decltype(nes)>) {
+              sgd_kernel<P, S, kOn<decltype(mom)>, kOn<decltype(nes)>, kOn<decltype(dec)>,
+                         kOn<decltype(avg)>>(ptrs, numels, oc, O(avg_coef));
+            }
+          });
+        });
+      });
+    });
+  });
+  apply_writeback(writeback);
+  if (momentum_) {
+    for (const auto& g : gathered) first_step_[g.index] = 0;
+  }
+  return static_cast<int64_t>(gathered.size());
+}
+
+std::vector<bool> SgdPlan::first_step_flags() const {
+  return std::vector<bool>(first_step_.begin(), first_step_.end());
+}
+
+}  // namespace cpu
+}  // namespace fasttricks

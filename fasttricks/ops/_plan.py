@@ -1,0 +1,97 @@
+"""The Python side of a plan: one bucket (one device, one param dtype) of
+parameters with their optimizer state, built once and stepped many times.
+
+The C++ CPU plans (csrc/cpu/plans.h) follow the same contract; this base
+serves the reference, Triton and CUDA backends:
+
+* `gather()` finds the parameters that have a gradient this step and validates
+  every one of them before anything is written, so a bad step changes nothing;
+* `set_averages()` attaches one running average per parameter, updated in the
+  same pass with coefficient `avg_coef` (NOTE [weight averaging lerp] in
+  csrc/include/fasttricks/common.h; skipped when `avg_coef == 0`).
+"""
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def check_grad(op: str, p: torch.Tensor, g: torch.Tensor) -> None:
+    if g.is_sparse:
+        raise RuntimeError(f"{op} does not support sparse gradients; use torch.optim.SparseAdam or a dense gradient")
+    if g.dtype != p.dtype:
+        raise TypeError(f"{op}: gradient dtype {g.dtype} differs from parameter dtype {p.dtype}")
+    if g.shape != p.shape:
+        raise RuntimeError(f"{op}: gradient shape {tuple(g.shape)} differs from parameter shape {tuple(p.shape)}")
+    if g.device != p.device:
+        raise RuntimeError(f"{op}: gradient on {g.device}, parameter on {p.device}")
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def found_inf_set(found_inf: torch.Tensor | None) -> bool:
+    """Host-side check (reference backend only: it synchronises)."""
+    return found_inf is not None and bool(found_inf.item() != 0)
+
+
+def inv_grad_scale(grad_scale: torch.Tensor | None) -> float:
+    return 1.0 if grad_scale is None else 1.0 / float(grad_scale.item())
+
+
+class PlanBase:
+    """`slots` maps a state name to one tensor per parameter (or None when the
+    slot is unused); the slot "master" holds fp32 master weights."""
+
+    op = "optimizer"
+
+    def __init__(self, params, slots: dict[str, list | None]):
+        if not params:
+            raise ValueError(f"{self.op} plan: no parameters")
+        self.params = list(params)
+        self.slots = slots
+        self.param_dtype = self.params[0].dtype
+        self.device = self.params[0].device
+        for p in self.params:
+            if p.dtype != self.param_dtype or p.device != self.device:
+                raise TypeError(f"{self.op} plan: one bucket needs one device and dtype")
+        if self.param_dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{self.op}: unsupported parameter dtype {self.param_dtype} (supported: {SUPPORTED_DTYPES})")
+        self.master = slots.get("master") is not None
+        self.state_dtype = torch.float32 if self.master else self.param_dtype
+        self.averages: list | None = None
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def set_averages(self, averages) -> None:
+        averages = list(averages) if averages else None
+        if averages is not None and len(averages) != len(self.params):
+            raise ValueError(f"{self.op}: one average per parameter (or none)")
+        self.averages = averages
+
+    def slot(self, name: str, i: int):
+        tensors = self.slots.get(name)
+        return None if tensors is None else tensors[i]
+
+    def gather(self) -> tuple[list[int], list[torch.Tensor]]:
+        index, grads = [], []
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if g is None:
+                continue
+            check_grad(self.op, p, g)
+            if p.dtype != self.param_dtype:
+                raise TypeError(f"{self.op}: parameter dtype changed from {self.param_dtype} to {p.dtype} "
+                                "after the optimizer state was created")
+            for name, tensors in self.slots.items():
+                if tensors is not None and tensors[i].dtype != self.state_dtype:
+                    raise TypeError(f"{self.op}: optimizer state {name!r} has dtype {tensors[i].dtype}, "
+                                    f"expected {self.state_dtype}")
+            if self.averages is not None and self.averages[i].dtype != self.state_dtype:
+                raise TypeError(f"{self.op}: average dtype {self.averages[i].dtype}, expected {self.state_dtype}")
+            index.append(i)
+            grads.append(g)
+        return index, grads

@@ -1,0 +1,85 @@
+"""Drop-in Adam and AdamW: torch's classes with a fused multi-tensor step."""
+from __future__ import annotations
+
+import torch
+
+from fasttricks.ops.adam import make_adam_plan
+from fasttricks.optim._fused import FusedOptimizerMixin
+
+__all__ = ["Adam", "AdamW"]
+
+_EXTRA_DOC = """
+    fasttricks additions (keyword-only):
+        backend: "auto" | "reference" | "cpu" | "triton" | "cuda". "auto" picks the
+            fastest backend available for the params' device; an explicit backend
+            that is unavailable raises RuntimeError.
+        master_weights: for bf16/fp16 params keep an fp32 master copy in the state
+            ("master_param") and fp32 moments; the math runs on the master and the
+            param receives it rounded.
+    `foreach` and `fused` are accepted for compatibility and ignored: the step
+    is always one fused pass. `differentiable=True` runs torch's own step.
+"""
+
+
+class _AdamFamily(FusedOptimizerMixin):
+    def _plan_flags(self, group):
+        return (bool(group["amsgrad"]), self._decoupled(group))
+
+    def _decoupled(self, group) -> bool:
+        return bool(group.get("decoupled_weight_decay", False))
+
+    def _needs_state(self, group, state) -> bool:
+        return len(state) == 0
+
+    def _init_state(self, group, p, state) -> None:
+        # torch's layout: "step" is a 0-dim float32 tensor, on the param's device
+        # off CPU as torch's fused/capturable Adam keeps it.
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if p.device.type != "cpu" else "cpu")
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _build_plan(self, backend, group, params, master):
+        states = [self.state[p] for p in params]
+        if group["amsgrad"]:
+            for p, s in zip(params, states):
+                s.setdefault("max_exp_avg_sq", torch.zeros_like(s["exp_avg_sq"]))
+        return make_adam_plan(
+            backend, params, [s["step"] for s in states], [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None,
+            [s["master_param"] for s in states] if master else None,
+            amsgrad=bool(group["amsgrad"]), decoupled=self._decoupled(group))
+
+    def _step_plan(self, plan, group, grad_mul, grad_scale, found_inf, avg_coef):
+        beta1, beta2 = group["betas"]
+        return plan.step(group["lr"],
+                         float(beta1), float(beta2), group["eps"], group["weight_decay"],
+                         group["maximize"], grad_mul, grad_scale, found_inf, avg_coef)
+
+
+class Adam(_AdamFamily, torch.optim.Adam):
+    __doc__ = (torch.optim.Adam.__doc__ or "") + _EXTRA_DOC
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
+                 foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
+                 decoupled_weight_decay=False, backend="auto", master_weights=False):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=decoupled_weight_decay)
+        self._ft_init(backend, master_weights)
+
+
+class AdamW(_AdamFamily, torch.optim.AdamW):
+    __doc__ = (torch.optim.AdamW.__doc__ or "") + _EXTRA_DOC
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
+                 backend="auto", master_weights=False):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, foreach=foreach,
+                         capturable=capturable, differentiable=differentiable, fused=fused)
+        self._ft_init(backend, master_weights)
+
+    def _decoupled(self, group) -> bool:
+        return True
