@@ -22,6 +22,7 @@ import math
 import torch
 
 from fasttricks import _backends
+from fasttricks.ops._device import DevicePlan
 from fasttricks.ops._plan import PlanBase, found_inf_set, inv_grad_scale, opmath_dtype
 
 __all__ = ["adam_reference_", "make_adam_plan"]
@@ -85,6 +86,46 @@ class ReferenceAdamPlan(PlanBase):
             weight_decay=weight_decay, amsgrad=self.amsgrad, decoupled=self.decoupled, maximize=maximize,
             grad_mul=grad_mul, grad_scale=grad_scale, found_inf=found_inf, avg_coef=avg_coef)
         return len(index) if ok else -1
+
+
+# Pointer-table rows read by the Triton and CUDA kernels, in this order.
+ROWS = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master", "avg", "step")
+
+
+class DeviceAdamPlan(DevicePlan):
+    """Plan for the device backends; subclasses set `launch` (Triton or CUDA)."""
+
+    op = "Adam"
+    ROWS = ROWS
+
+    def __init__(self, params, steps, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, amsgrad, decoupled):
+        super().__init__(params, {"exp_avg": exp_avgs, "exp_avg_sq": exp_avg_sqs,
+                                  "max_exp_avg_sq": max_exp_avg_sqs if amsgrad else None, "master": masters})
+        self.steps, self.amsgrad, self.decoupled = steps, amsgrad, decoupled
+
+    def step(self, lr, beta1, beta2, eps, weight_decay, maximize, grad_mul, grad_scale, found_inf, avg_coef):
+        index, grads = self.gather()
+        if not index:
+            return 0
+        rows, writeback = self.prepare(index, grads)
+        steps = [self.steps[i] for i in index]
+        rows["step"] = steps
+        tables = self.tables(rows)
+        torch._foreach_add_(steps, 1.0)
+        if found_inf is not None:
+            found_inf = found_inf.to(device=self.device, dtype=torch.float32)
+        if grad_scale is not None:
+            grad_scale = grad_scale.to(device=self.device, dtype=torch.float32)
+        self.launch(tables, param_dtype=self.param_dtype, state_dtype=self.state_dtype, lr=lr, beta1=beta1,
+                    beta2=beta2, eps=eps, weight_decay=weight_decay,
+                    grad_mul=grad_mul * (-1.0 if maximize else 1.0), grad_scale=grad_scale,
+                    found_inf=found_inf, avg_coef=avg_coef, amsgrad=self.amsgrad, decoupled=self.decoupled,
+                    average=self.averages is not None and avg_coef != 0, device=self.device)
+        if found_inf is not None:  # NOTE [found_inf contract]: undo the count on the device
+            torch._foreach_sub_(steps, [found_inf] * len(steps))
+        for dst, tmp in writeback:
+            dst.copy_(tmp)
+        return len(index)
 
 
 def make_adam_plan(backend: str, params, steps, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters,

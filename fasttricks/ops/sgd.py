@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from fasttricks import _backends
+from fasttricks.ops._device import DevicePlan
 from fasttricks.ops._plan import PlanBase, found_inf_set, inv_grad_scale, opmath_dtype
 
 __all__ = ["sgd_reference_", "make_sgd_plan"]
@@ -75,6 +76,52 @@ class ReferenceSgdPlan(PlanBase):
         if not ok:
             return -1
         if self.first_step is not None:
+            for i in index:
+                self.first_step[i] = False
+        return len(index)
+
+    def first_step_flags(self):
+        return list(self.first_step or [])
+
+
+# Pointer-table rows read by the Triton and CUDA kernels, in this order.
+# "first" is a flag row: 1 where the momentum buffer is not initialised yet.
+ROWS = ("param", "grad", "momentum_buffer", "master", "avg", "first")
+
+
+class DeviceSgdPlan(DevicePlan):
+    op = "SGD"
+    ROWS = ROWS
+
+    def __init__(self, params, momentum_buffers, masters, first_step, nesterov, decoupled):
+        super().__init__(params, {"momentum_buffer": momentum_buffers, "master": masters})
+        self.first_step = [bool(f) for f in first_step] if momentum_buffers is not None else None
+        self.nesterov, self.decoupled = nesterov, decoupled
+
+    def step(self, lr, weight_decay, momentum, dampening, maximize, grad_mul, grad_scale, found_inf, avg_coef):
+        index, grads = self.gather()
+        if not index:
+            return 0
+        momentum_on = self.slots["momentum_buffer"] is not None
+        if momentum_on != (momentum != 0):
+            raise RuntimeError("SGD plan: momentum switched on or off after the plan was built")
+        rows, writeback = self.prepare(index, grads)
+        first = [int(self.first_step[i]) for i in index] if momentum_on else [0] * len(index)
+        tables = self.tables(rows, flags={"first": first})
+        if found_inf is not None:
+            found_inf = found_inf.to(device=self.device, dtype=torch.float32)
+        if grad_scale is not None:
+            grad_scale = grad_scale.to(device=self.device, dtype=torch.float32)
+        self.launch(tables, param_dtype=self.param_dtype, state_dtype=self.state_dtype, lr=lr,
+                    weight_decay=weight_decay, momentum=momentum, dampening=dampening,
+                    grad_mul=grad_mul * (-1.0 if maximize else 1.0), grad_scale=grad_scale,
+                    found_inf=found_inf, avg_coef=avg_coef, nesterov=self.nesterov, decoupled=self.decoupled,
+                    average=self.averages is not None and avg_coef != 0, device=self.device)
+        for dst, tmp in writeback:
+            dst.copy_(tmp)
+        # A skipped step leaves fresh buffers fresh; checking costs one sync,
+        # paid only on the steps that still have fresh buffers.
+        if any(first) and (found_inf is None or float(found_inf) == 0):
             for i in index:
                 self.first_step[i] = False
         return len(index)

@@ -1,0 +1,52 @@
+// Interface between the torch binding (bindings.cpp) and the plain-CUDA
+// kernels (optim_kernels.cu). No torch headers: the .cu compiles with nvcc
+// alone (DESIGN.md), so CI checks it on machines whose torch has no CUDA.
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace fasttricks {
+namespace cuda {
+
+enum class DType : int { kFloat = 0, kDouble = 1, kBFloat16 = 2, kHalf = 3 };
+
+// The packed tables of fasttricks/ops/_device.py: ptrs[row * n_tensors + t],
+// numels[t], and one block per chunk (chunk_tensor[c], chunk_start[c]).
+struct Tables {
+  const int64_t* ptrs;
+  const int64_t* numels;
+  const int64_t* chunk_tensor;
+  const int64_t* chunk_start;
+  int64_t n_tensors;
+  int64_t n_chunks;
+};
+
+constexpr int64_t kChunk = 4096;  // must equal CHUNK in fasttricks/ops/_device.py
+
+struct AdamArgs {
+  float lr;
+  const float* lr_ptr;  // overrides lr when not null (tensor lr)
+  double one_minus_beta1, one_minus_beta2;
+  float eps, weight_decay, grad_mul, avg_coef;
+  const float* grad_scale;  // may be null
+  const float* found_inf;   // may be null
+  bool amsgrad, decoupled, average;
+  DType param, state;
+};
+
+struct SgdArgs {
+  float lr;
+  const float* lr_ptr;
+  float weight_decay, momentum, dampening, grad_mul, avg_coef;
+  const float* grad_scale;
+  const float* found_inf;
+  bool momentum_on, nesterov, decoupled, average;
+  DType param, state;
+};
+
+// Return cudaSuccess or the launch error (reported by the binding).
+cudaError_t launch_adam(const Tables& tables, const AdamArgs& args, cudaStream_t stream);
+cudaError_t launch_sgd(const Tables& tables, const SgdArgs& args, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fasttricks
