@@ -54,13 +54,12 @@ def adam_kernel(ptrs_ptr, numels_ptr, chunk_tensor_ptr, chunk_start_ptr, n_tenso
     b1 = tl.cast(b1_64, MATH_DTYPE)
     b2 = tl.cast(b2_64, MATH_DTYPE)
     decay = 1.0 - lr * weight_decay
-    live = True
-    if HAS_FOUND_INF:
-        live = tl.load(found_inf_ptr) == 0
+    if HAS_FOUND_INF:  # NOTE [found_inf contract]: a skipped step touches no element
+        numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)
 
     for off in tl.range(0, CHUNK, BLOCK):
         offs = start + off + tl.arange(0, BLOCK)
-        mask = (offs < numel) & live
+        mask = offs < numel
         if MASTER:
             master_ptr = table_ptr(ptrs_ptr, n_tensors, t, 5, STATE_DTYPE)
             w = tl.load(master_ptr + offs, mask=mask, other=0.0).to(MATH_DTYPE)

@@ -1,0 +1,189 @@
+"""The drop-in contract: torch's exceptions, hooks, state_dict both ways,
+GradScaler's grad_scale/found_inf, backends and their errors."""
+import copy
+
+import pytest
+import torch
+
+import fasttricks
+from helpers import BACKENDS, SHAPES, clone_params, make_grads, make_params, max_err, run, train
+from fasttricks import optim as fo
+
+PAIRS = [(fo.Adam, torch.optim.Adam, dict(lr=1e-2, amsgrad=True)),
+         (fo.AdamW, torch.optim.AdamW, dict(lr=1e-2)),
+         (fo.SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True))]
+IDS = ["Adam", "AdamW", "SGD"]
+
+
+def snapshot(params, opt):
+    state = {k: v.clone() for p in params for k, v in opt.state[p].items() if torch.is_tensor(v)}
+    return [p.detach().clone() for p in params], state
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,tcls,cfg", PAIRS, ids=IDS)
+def test_found_inf_changes_nothing_and_grad_scale_unscales(backend, cls, tcls, cfg):
+    steps = make_grads(SHAPES, 3)
+    base = make_params(SHAPES, torch.float32)
+    params, opt = train(lambda ps: cls(ps, backend=backend, **cfg), base, steps[:2])
+    before_p, before_s = snapshot(params, opt)
+    opt.grad_scale, opt.found_inf = torch.tensor(1024.0), torch.tensor(1.0)
+    for p, g in zip(params, steps[2]):
+        p.grad = g.float() * 1024
+    opt.step()
+    after_p, after_s = snapshot(params, opt)
+    assert all(torch.equal(a, b) for a, b in zip(before_p, after_p))
+    assert before_s.keys() == after_s.keys() and all(torch.equal(before_s[k], after_s[k]) for k in before_s)
+    opt.found_inf = torch.tensor(0.0)
+    opt.step()  # the same scaled grads, now unscaled by the kernel
+    del opt.grad_scale, opt.found_inf
+    expected, _ = train(lambda ps: cls(ps, backend=backend, **cfg), base, steps)
+    assert max_err(params, expected) < 1e-6
+
+
+@pytest.mark.parametrize("cls,tcls,cfg", PAIRS, ids=IDS)
+def test_gradscaler_end_to_end(cls, tcls, cfg):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 3)
+    ref = torch.nn.Linear(8, 3)
+    ref.load_state_dict(model.state_dict())
+    opt, ref_opt = cls(model.parameters(), **cfg), tcls(ref.parameters(), **cfg)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    assert opt._step_supports_amp_scaling
+    for _ in range(3):
+        x = torch.randn(16, 8)
+        opt.zero_grad()
+        scaler.scale(model(x).square().mean()).backward()
+        scaler.step(opt)
+        scaler.update()
+        ref_opt.zero_grad()
+        ref(x).square().mean().backward()
+        ref_opt.step()
+    assert max_err(list(model.parameters()), list(ref.parameters())) < 1e-5
+
+
+@pytest.mark.parametrize("cls,tcls,cfg", PAIRS, ids=IDS)
+def test_state_dict_both_ways_with_torch(cls, tcls, cfg):
+    steps = make_grads(SHAPES, 6)
+    base = make_params(SHAPES, torch.float32)
+    # torch -> fasttricks, mid-training
+    tparams, topt = train(lambda ps: tcls(ps, **cfg), base, steps[:3])
+    params = clone_params(tparams)
+    opt = cls(params, **cfg)
+    # deepcopy = a save and load: torch's load_state_dict keeps the given tensors when no cast is needed
+    opt.load_state_dict(copy.deepcopy(topt.state_dict()))
+    run(opt, params, steps[3:])
+    run(topt, tparams, steps[3:])
+    assert max_err(params, tparams) < 1e-5
+    # fasttricks -> torch: same layout, keys and values
+    sd = copy.deepcopy(opt.state_dict())
+    params2 = clone_params(params)
+    topt2 = tcls(params2, **cfg)
+    topt2.load_state_dict(sd)
+    assert set(topt2.state_dict()["state"][0]) == set(topt.state_dict()["state"][0])
+    more = make_grads(SHAPES, 2, seed=7)
+    run(topt2, params2, more)
+    run(opt, params, more)
+    assert max_err(params, params2) < 1e-5
+
+
+def test_torch_bf16_checkpoint_into_master_weights():
+    base = make_params(SHAPES, torch.bfloat16)
+    steps = make_grads(SHAPES, 2)
+    tparams, topt = train(lambda ps: torch.optim.AdamW(ps, lr=1e-2), base, steps)
+    params = clone_params(tparams)
+    opt = fo.AdamW(params, lr=1e-2, master_weights=True)
+    opt.load_state_dict(copy.deepcopy(topt.state_dict()))
+    run(opt, params, make_grads(SHAPES, 1, seed=3))
+    st = opt.state[params[2]]
+    assert st["exp_avg"].dtype == torch.float32 and st["master_param"].dtype == torch.float32
+    assert float(st["step"]) == 3.0
+    # and ours (fp32 state) back into ours keeps full precision
+    opt2 = fo.AdamW(clone_params(params), lr=1e-2, master_weights=True)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert torch.equal(opt2.state[opt2.param_groups[0]["params"][2]]["master_param"], st["master_param"])
+    assert opt2.param_groups[0]["master_weights"] is True
+
+
+@pytest.mark.parametrize("make,message,exc", [
+    (lambda p: fo.Adam(p, lr=-1.0), "Invalid learning rate", ValueError),
+    (lambda p: fo.AdamW(p, betas=(1.0, 0.9)), "Invalid beta parameter at index 0", ValueError),
+    (lambda p: fo.Adam(p, eps=-1.0), "Invalid epsilon value", ValueError),
+    (lambda p: fo.SGD(p, lr=0.1, momentum=-0.5), "Invalid momentum value", ValueError),
+    (lambda p: fo.SGD(p, lr=0.1, nesterov=True), "Nesterov momentum requires a momentum", ValueError),
+    (lambda p: fo.SGDW(p, lr=0.1, weight_decay=-1), "Invalid weight_decay value", ValueError),
+    (lambda p: fo.Adam(p, backend="gpu"), "Invalid backend", ValueError),
+    (lambda p: fo.Adam(p, backend="cuda"), "backend 'cuda' is unavailable", RuntimeError),
+    (lambda p: fo.Adam(p, fused=True, foreach=True), "`fused` and `foreach` cannot be `True` together", RuntimeError),
+])
+def test_bad_hyperparameters_raise_torch_types(make, message, exc):
+    with pytest.raises(exc, match=message):
+        make([torch.zeros(3, requires_grad=True)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", [fo.Adam, fo.SGD], ids=["Adam", "SGD"])
+def test_sparse_gradient_is_a_clear_error_and_changes_nothing(backend, cls):
+    params = make_params([(4,), (5, 3)], torch.float32)
+    opt = cls(params, backend=backend, lr=0.1, momentum=0.9) if cls is fo.SGD else cls(params, backend=backend)
+    params[0].grad = torch.ones(4)
+    params[1].grad = torch.ones(5, 3).to_sparse()
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        opt.step()
+    assert all(torch.equal(b, p.detach()) for b, p in zip(before, params))
+    assert all(float(s["step"]) == 0 for s in opt.state.values() if "step" in s)
+
+
+def test_hooks_fire_like_torch():
+    p = torch.zeros(3, requires_grad=True)
+    opt = fo.AdamW([p])
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    handle = register_optimizer_step_post_hook(lambda o, a, k: calls.append("global"))
+    try:
+        p.grad = torch.ones(3)
+        opt.step()
+    finally:
+        handle.remove()
+    assert calls == ["pre", "post", "global"]
+    assert isinstance(opt, torch.optim.AdamW) and isinstance(fo.SGDW([p]), torch.optim.SGD)
+
+
+def test_scheduler_tensor_lr_and_mixed_dtype_groups():
+    a = torch.zeros(4, requires_grad=True)
+    b = torch.zeros(4, dtype=torch.bfloat16, requires_grad=True)
+    opt = fo.Adam([{"params": [a, b]}], lr=torch.tensor(0.1))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for _ in range(2):
+        a.grad, b.grad = torch.ones(4), torch.ones(4, dtype=torch.bfloat16)
+        opt.step()
+        sched.step()
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.025)
+    # Adam's first steps move by ~lr each: 0.1 + 0.05
+    assert torch.allclose(a.detach(), torch.full((4,), -0.15), atol=1e-4)
+    assert torch.allclose(b.detach().float(), torch.full((4,), -0.15), atol=2e-3)
+
+
+def test_differentiable_falls_back_to_torch():
+    """differentiable=True runs torch's autograd-tracked step: the update is
+    part of the graph (as with torch.optim, the param is a non-leaf)."""
+    w0 = torch.ones(3, requires_grad=True)
+    w = w0.clone()
+    opt = fo.SGD([w], lr=0.5, differentiable=True)
+    w.grad = torch.ones(3)
+    opt.step()
+    assert torch.allclose(w.detach(), torch.full((3,), 0.5))
+    w.sum().backward()
+    assert torch.equal(w0.grad, torch.ones(3))
+
+
+def test_backends_report():
+    report = fasttricks.backends()
+    assert set(report) == {"reference", "cpu", "triton", "cuda"}
+    assert report["reference"]["available"] is True
+    for name, info in report.items():
+        assert isinstance(info["detail"], str) and (info["available"] or info["detail"])
