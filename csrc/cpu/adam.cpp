@@ -94,11 +94,17 @@ int64_t AdamPlan::step(double lr, double beta1, double beta2, double eps, double
   std::vector<int64_t> numels;
   coefs.reserve(gathered.size());
   numels.reserve(gathered.size());
+  double last_t = -1.0;
   for (const auto& g : gathered) {
     const double t = bump_step(steps_[g.index]);
-    coefs.push_back(make_adam_coefs<double>(
-        lr, beta1, beta2, eps, weight_decay, decoupled_, t, mul,
-        [](double a, double b) { return std::pow(a, b); }, [](double a) { return std::sqrt(a); }));
+    if (t != last_t) {  // params usually share a step count: compute the powers once
+      coefs.push_back(make_adam_coefs<double>(
+          lr, beta1, beta2, eps, weight_decay, decoupled_, t, mul,
+          [](double a, double b) { return std::pow(a, b); }, [](double a) { return std::sqrt(a); }));
+      last_t = t;
+    } else {
+      coefs.push_back(coefs.back());
+    }
     numels.push_back(g.param.numel());
   }
 

@@ -1,0 +1,134 @@
+"""Optimizer step: fasttricks vs torch.optim (fused, foreach, for-loop), side
+by side on the same shapes. Run: python bench/bench_optim.py [--device cuda] [--quick]
+
+Cases (SPEC section 6): AdamW and SGD momentum/nesterov on ResNet-50 shapes
+(25.6M params, 161 tensors) and on 100M params; bf16 params with fp32 master
+weights against torch's upcast + fused + downcast; the host overhead of a
+step on 161 one-element tensors. Rows go to bench/results/optim_<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import ceiling_gbps, compare, print_table, write_rows  # noqa: E402
+
+import fasttricks.optim as fo  # noqa: E402
+
+
+def resnet50_shapes():
+    shapes = [(64, 3, 7, 7), (64,), (64,)]
+    inp = 64
+    for blocks, mid, out in [(3, 64, 256), (4, 128, 512), (6, 256, 1024), (3, 512, 2048)]:
+        for i in range(blocks):
+            shapes += [(mid, inp, 1, 1), (mid,), (mid,), (mid, mid, 3, 3), (mid,), (mid,), (out, mid, 1, 1), (out,), (out,)]
+            if i == 0:
+                shapes += [(out, inp, 1, 1), (out,), (out,)]
+            inp = out
+    return shapes + [(1000, 2048), (1000,)]
+
+
+SHAPE_SETS = {
+    "resnet50": resnet50_shapes(),            # 161 tensors, 25.56M params
+    "100M": [(4096, 4096)] * 5 + [(4096,)] * 100 + [(1000, 4019)],
+    "161_tiny": [(1,)] * 161,
+}
+
+
+def make(shapes, device, dtype=torch.float32):
+    params = [torch.randn(s, device=device, dtype=dtype, requires_grad=True) for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    return params
+
+
+def bytes_per_elem(case):
+    return {"adamw": 28, "sgd_momentum": 20, "sgd_nesterov": 20, "adamw_bf16_master": 28}[case]
+
+
+def opt_cases(device):
+    """case -> {impl: factory(shapes) -> step fn}."""
+    def ours(cls, **kw):
+        return lambda shapes: cls(make(shapes, device), **kw).step
+
+    def torch_impl(cls, **kw):
+        return lambda shapes: cls(make(shapes, device), **kw).step
+
+    adam = dict(lr=1e-3, weight_decay=1e-2)
+    sgd_m = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)
+    sgd_n = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    cases = {
+        "adamw": {"fasttricks": ours(fo.AdamW, **adam), "torch_fused": torch_impl(torch.optim.AdamW, fused=True, **adam),
+                  "torch_foreach": torch_impl(torch.optim.AdamW, foreach=True, **adam)},
+        "sgd_momentum": {"fasttricks": ours(fo.SGD, **sgd_m), "torch_fused": torch_impl(torch.optim.SGD, fused=True, **sgd_m),
+                         "torch_foreach": torch_impl(torch.optim.SGD, foreach=True, **sgd_m)},
+        "sgd_nesterov": {"fasttricks": ours(fo.SGD, **sgd_n), "torch_fused": torch_impl(torch.optim.SGD, fused=True, **sgd_n),
+                         "torch_foreach": torch_impl(torch.optim.SGD, foreach=True, **sgd_n)},
+    }
+
+    def ours_master(shapes):
+        return fo.AdamW(make(shapes, device, torch.bfloat16), master_weights=True, **adam).step
+
+    def torch_upcast(shapes):
+        """torch's recipe: fp32 copies, upcast grads, fused step, downcast params."""
+        low = make(shapes, device, torch.bfloat16)
+        master = [p.detach().float().requires_grad_() for p in low]
+        for m in master:
+            m.grad = torch.empty_like(m)
+        opt = torch.optim.AdamW(master, fused=True, **adam)
+        low_grads, master_grads = [p.grad for p in low], [m.grad for m in master]
+        low_data = [p.detach() for p in low]
+
+        def step():
+            torch._foreach_copy_(master_grads, low_grads)
+            opt.step()
+            torch._foreach_copy_(low_data, master)
+        return step
+
+    cases["adamw_bf16_master"] = {"fasttricks": ours_master, "torch_upcast_fused": torch_upcast}
+    return cases
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="skip the 100M-param set")
+    ap.add_argument("--iters", type=int, default=10)
+    args = ap.parse_args(argv)
+    device = args.device
+    rows = []
+    sets = ["resnet50", "161_tiny"] + ([] if args.quick else ["100M"])
+    for set_name in sets:
+        shapes = SHAPE_SETS[set_name]
+        numel = sum(torch.Size(s).numel() for s in shapes)
+        ceiling = ceiling_gbps(numel, device) if set_name != "161_tiny" else None
+        for case, impls in opt_cases(device).items():
+            if set_name == "161_tiny" and case not in ("adamw", "sgd_momentum"):
+                continue
+            fns = {name: factory(shapes) for name, factory in impls.items()}
+            times = compare(fns, device=device, iters=args.iters if set_name != "161_tiny" else 100, warmup=3)
+            peer = "torch_fused" if "torch_fused" in times else "torch_upcast_fused"
+            for impl, t in times.items():
+                row = {"case": case, "shapes": set_name, "tensors": len(shapes), "params_M": numel / 1e6,
+                       "impl": impl, "median_ms": t * 1e3, "speedup_vs_" + peer: times[peer] / t}
+                if set_name == "161_tiny":
+                    row["step_us"] = t * 1e6
+                else:
+                    row["GBps"] = bytes_per_elem(case) * numel / t / 1e9
+                    row["ceiling_GBps"] = ceiling
+                rows.append(row)
+            del fns
+    path = write_rows("optim", rows, device)
+    for r in rows:
+        r["speedup"] = r.get("speedup_vs_torch_fused", r.get("speedup_vs_torch_upcast_fused"))
+    print_table(rows, ["case", "shapes", "impl", "median_ms", "speedup", "GBps", "ceiling_GBps"])
+    print(f"\nwrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
