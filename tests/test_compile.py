@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_triton_kernels_compile_for_hopper():
+def test_triton_kernels_compile_for_hopper(tmp_path):
     pytest.importorskip("triton")
     # triton.compile needs real (non-interpreted) jit functions: a fresh process.
     script = textwrap.dedent("""
@@ -31,7 +31,9 @@ def test_triton_kernels_compile_for_hopper():
         print("compiled", n)
     """)
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    # cwd away from the checkout: `python -c` would import its uninstalled fasttricks/.
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-4000:]
     assert "compiled 30" in out.stdout
 
