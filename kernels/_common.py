@@ -45,3 +45,26 @@ def div_ieee(a, b, MATH_DTYPE: tl.constexpr):
         return a / b
     else:
         return tl.div_rn(a, b)
+
+
+@triton.jit
+def chunk_prologue(chunk_tensor_ptr, chunk_start_ptr, numels_ptr, lr, lr_ptr, grad_mul, grad_scale_ptr,
+                   found_inf_ptr, MATH_DTYPE: tl.constexpr, LR_IS_TENSOR: tl.constexpr,
+                   HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr):
+    """What every optimizer program starts with: its tensor, chunk start and
+    element count (0 when found_inf is set: NOTE [found_inf contract]), the
+    lr and the gradient multiplier (1 / grad_scale folded in)."""
+    pid = tl.program_id(0)
+    t = tl.load(chunk_tensor_ptr + pid)
+    start = tl.load(chunk_start_ptr + pid)
+    numel = tl.load(numels_ptr + t)
+    if HAS_FOUND_INF:
+        numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)
+    if LR_IS_TENSOR:
+        lr = tl.load(lr_ptr).to(MATH_DTYPE)
+    else:
+        lr = tl.cast(lr, MATH_DTYPE)
+    mul = tl.cast(grad_mul, MATH_DTYPE)
+    if HAS_GRAD_SCALE:
+        mul = mul / tl.load(grad_scale_ptr).to(MATH_DTYPE)
+    return t, start, numel, lr, mul

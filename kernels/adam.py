@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from fasttricks.kernels import TL_DTYPES
-from fasttricks.kernels._common import BLOCK, div_ieee, dummy, lerp_average, sqrt_ieee, table_ptr
+from fasttricks.kernels._common import BLOCK, chunk_prologue, div_ieee, dummy, lerp_average, sqrt_ieee, table_ptr
 from fasttricks.ops._device import CHUNK, scalar_arg
 from fasttricks.ops.adam import ROWS, DeviceAdamPlan
 
@@ -24,10 +24,9 @@ def adam_kernel(ptrs_ptr, numels_ptr, chunk_tensor_ptr, chunk_start_ptr, n_tenso
                 AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr, MASTER: tl.constexpr,
                 AVERAGE: tl.constexpr, LR_IS_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                 HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(chunk_tensor_ptr + pid)
-    start = tl.load(chunk_start_ptr + pid)
-    numel = tl.load(numels_ptr + t)
+    t, start, numel, lr, mul = chunk_prologue(chunk_tensor_ptr, chunk_start_ptr, numels_ptr, lr, lr_ptr, grad_mul,
+                                              grad_scale_ptr, found_inf_ptr, MATH_DTYPE, LR_IS_TENSOR,
+                                              HAS_GRAD_SCALE, HAS_FOUND_INF)
     param_ptr = table_ptr(ptrs_ptr, n_tensors, t, 0, PARAM_DTYPE)
     grad_ptr = table_ptr(ptrs_ptr, n_tensors, t, 1, PARAM_DTYPE)
     m_ptr = table_ptr(ptrs_ptr, n_tensors, t, 2, STATE_DTYPE)
@@ -35,13 +34,6 @@ def adam_kernel(ptrs_ptr, numels_ptr, chunk_tensor_ptr, chunk_start_ptr, n_tenso
     step_ptr = table_ptr(ptrs_ptr, n_tensors, t, 7, tl.float32)
 
     step = tl.load(step_ptr).to(MATH_DTYPE)
-    if LR_IS_TENSOR:
-        lr = tl.load(lr_ptr).to(MATH_DTYPE)
-    else:
-        lr = tl.cast(lr, MATH_DTYPE)
-    mul = tl.cast(grad_mul, MATH_DTYPE)
-    if HAS_GRAD_SCALE:
-        mul = mul / tl.load(grad_scale_ptr).to(MATH_DTYPE)
     # Bias corrections 1 - beta^t in fp64 from 1 - beta (given by the host in
     # double): in fp32, 1 - 0.999^t loses ~5 digits to cancellation.
     b1_64 = 1.0 - tl.cast(one_minus_beta1, tl.float64)
@@ -54,8 +46,6 @@ def adam_kernel(ptrs_ptr, numels_ptr, chunk_tensor_ptr, chunk_start_ptr, n_tenso
     b1 = tl.cast(b1_64, MATH_DTYPE)
     b2 = tl.cast(b2_64, MATH_DTYPE)
     decay = 1.0 - lr * weight_decay
-    if HAS_FOUND_INF:  # NOTE [found_inf contract]: a skipped step touches no element
-        numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)
 
     for off in tl.range(0, CHUNK, BLOCK):
         offs = start + off + tl.arange(0, BLOCK)
