@@ -11,6 +11,13 @@ GradScaler hands fused optimizers `grad_scale` and `found_inf` as attributes
 (`_step_supports_amp_scaling = True`). The kernels divide the gradients by
 grad_scale, and a step with found_inf set changes nothing at all: params,
 moments, step counters and weight averages keep their values.
+
+NOTE [fused weight averaging]
+One weight sampler (fasttricks.sampling) per optimizer can be "fused": its
+running averages are attached to the plans, and each step asks it for the
+step's coefficient c (0 = no sample) before launching the kernels, which then
+update w_hat <- w_hat + c (w - w_hat) in the same memory pass. Further
+samplers on the same optimizer run as step post-hooks.
 """
 from __future__ import annotations
 
@@ -51,6 +58,7 @@ class FusedOptimizerMixin:
         # Random gradient (seed 004) and friends fold a factor into the step's
         # gradient scale here; 1.0 means off.
         self.grad_multiplier = 1.0
+        self._ft_sampler = None  # NOTE [fused weight averaging]
 
     # torch wraps `step` to fire the optimizer hooks inside a profiler range.
     # Same hooks, same order; the range only when the profiler is on, since it
@@ -100,7 +108,23 @@ class FusedOptimizerMixin:
         super().__setstate__(state)
         self._ft_plans = {}
         self.__dict__.setdefault("grad_multiplier", 1.0)
+        self.__dict__.setdefault("_ft_sampler", None)
         self._step_supports_amp_scaling = True
+
+    # ---- weight sampling (NOTE [fused weight averaging]) -----------------
+
+    def _ft_attach_sampler(self, sampler) -> bool:
+        """Fuse `sampler` into this optimizer's step; False when one already is."""
+        if self.__dict__.get("_ft_sampler") is not None:
+            return False
+        self._ft_sampler = sampler
+        self._ft_plans = {}
+        return True
+
+    def _ft_detach_sampler(self, sampler) -> None:
+        if self.__dict__.get("_ft_sampler") is sampler:
+            self._ft_sampler = None
+            self._ft_plans = {}
 
     # ---- the step -------------------------------------------------------
 
@@ -132,7 +156,11 @@ class FusedOptimizerMixin:
         for (device, _dtype), params in buckets.items():
             backend = _backends.resolve(group["backend"], device)
             master = bool(group["master_weights"]) and _dtype in _LOW_PRECISION
-            plans.append(self._build_plan(backend, group, params, master))
+            plan = self._build_plan(backend, group, params, master)
+            sampler = self.__dict__.get("_ft_sampler")
+            if sampler is not None:
+                plan.set_averages(sampler._averages_for(params, master))
+            plans.append(plan)
         return _GroupPlans(key, plans, stateless)
 
     def _normalise_state(self, p, state, master: bool) -> None:
@@ -164,8 +192,12 @@ class FusedOptimizerMixin:
             closure (Callable, optional): A closure that reevaluates the model
                 and returns the loss.
         """
+        sampler = self.__dict__.get("_ft_sampler")
         if any(g.get("differentiable") for g in self.param_groups):
-            return self._torch_step(closure)
+            loss = self._torch_step(closure)
+            if sampler is not None:
+                sampler._sample_after_step()
+            return loss
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -173,9 +205,12 @@ class FusedOptimizerMixin:
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         grad_mul = self.grad_multiplier
+        avg_coef = sampler._begin_step() if sampler is not None else 0.0
         for group in self.param_groups:
             for plan in self._group_plans(group).buckets:
-                self._step_plan(plan, group, grad_mul, grad_scale, found_inf, 0.0)
+                self._step_plan(plan, group, grad_mul, grad_scale, found_inf, avg_coef)
+        if sampler is not None:
+            sampler._end_step(avg_coef, found_inf)
         return loss
 
     def _torch_step(self, closure):

@@ -1,0 +1,339 @@
+"""WeightSampler: the machinery every averaging method shares.
+
+A sampler keeps one running average `w_hat` per optimizer parameter and
+counts the optimizer's steps. Before each step it decides the coefficient c
+of that step (0 = this step is not sampled); the update
+`w_hat <- w_hat + c (w - w_hat)` then runs
+
+* inside the optimizer's fused kernel, in the same memory pass, when the
+  optimizer is a fasttricks optimizer and no other sampler is fused into it
+  (NOTE [fused weight averaging] in fasttricks/optim/_fused.py), or
+* as a step post-hook (a foreach lerp) for any other torch optimizer, and for
+  the second and further samplers on one fasttricks optimizer.
+
+Counting: `step_in_epoch` (i in SPEC section 2, 1-based) advances on every
+optimizer step, a GradScaler-skipped one included (it consumed a batch);
+a skipped step adds no sample (NOTE [found_inf contract]). Finding out
+whether a sampling step was skipped reads `found_inf` on the host, so under
+AMP a sampling step synchronises once; non-sampling steps never do. (With a
+torch optimizer that GradScaler skips by not calling `step()` at all, the
+skipped batch is not counted.)
+
+Methods (fasttricks/sampling/methods.py) override `_coefficient()` and
+`_epoch_end_action()`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from fasttricks.ops.average import average_reference_
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+_STATE_KEY = "fasttricks_samplers"
+
+
+def _check_steps_per_epoch(steps_per_epoch) -> int:
+    if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}")
+    return steps_per_epoch
+
+
+def _check_fraction(name: str, value, *, low_open: bool = True) -> float:
+    value = float(value)
+    ok = (0.0 < value <= 1.0) if low_open else (0.0 <= value <= 1.0)
+    if not ok:
+        raise ValueError(f"{name} must be in {'(0, 1]' if low_open else '[0, 1]'}, got {value}")
+    return value
+
+
+class WeightSampler:
+    """Base class; see the module docstring. `fused=None` fuses whenever it can,
+    `fused=False` forces the post-hook path (`fused=True` raises when it cannot fuse)."""
+
+    #: counters saved by state_dict(), in addition to the averages
+    _COUNTERS = ("step_in_epoch", "samples", "epoch_samples", "total_samples", "total_steps", "epoch")
+
+    def __init__(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int | None = None, *,
+                 fused: bool | None = None):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"{type(self).__name__} needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.optimizer = optimizer
+        self.steps_per_epoch = None if steps_per_epoch is None else _check_steps_per_epoch(steps_per_epoch)
+        self.params: list[torch.Tensor] = [p for g in optimizer.param_groups for p in g["params"]]
+        if not self.params:
+            raise ValueError(f"{type(self).__name__}: the optimizer has no parameters")
+        self._index = {id(p): i for i, p in enumerate(self.params)}
+        master_ids = {id(p) for g in optimizer.param_groups if g.get("master_weights") for p in g["params"]}
+        with torch.no_grad():
+            self.averages: list[torch.Tensor] = [
+                p.detach().to(torch.float32 if id(p) in master_ids and p.dtype in _LOW_PRECISION else p.dtype,
+                              copy=True)
+                for p in self.params]
+        self.step_in_epoch = 0   # i: optimizer steps in this epoch
+        self.samples = 0         # j: samples in the current averaging window
+        self.epoch_samples = 0   # samples taken in this epoch
+        self.total_samples = 0   # samples since the sampler was created
+        self.total_steps = 0
+        self.epoch = 0
+        self._handles = []
+        self.fused = False
+        if fused is not False and hasattr(optimizer, "_ft_attach_sampler"):
+            self.fused = optimizer._ft_attach_sampler(self)
+        if fused and not self.fused:
+            raise RuntimeError(f"{type(self).__name__}(fused=True): the optimizer is not a fasttricks optimizer "
+                               "or already has a fused sampler")
+        if not self.fused:
+            self._handles.append(optimizer.register_step_post_hook(lambda opt, args, kwargs:
+                                                                   self._sample_after_step()))
+        # Checkpointed with the optimizer: one entry per sampler, keyed by attach order.
+        count = optimizer.__dict__.get("_ft_sampler_count", 0)
+        optimizer.__dict__["_ft_sampler_count"] = count + 1
+        self._key = f"{count}:{type(self).__name__}"
+        self._handles.append(optimizer.register_state_dict_post_hook(self._optimizer_state_dict_hook))
+        self._handles.append(optimizer.register_load_state_dict_pre_hook(self._optimizer_load_hook))
+
+    # ---- what a method defines -------------------------------------------
+
+    #: samples once per epoch on its last step; if the epoch ends before step
+    #: `steps_per_epoch`, end_epoch() takes the missed sample
+    _ONCE_PER_EPOCH = False
+
+    def _samples_step(self) -> bool:
+        """Whether the step just counted (self.step_in_epoch, 1-based) samples."""
+        raise NotImplementedError
+
+    def _sample_coef(self) -> float:
+        """c of the next sample, given the samples taken so far."""
+        raise NotImplementedError
+
+    def _coefficient(self) -> float:
+        return self._sample_coef() if self._samples_step() else 0.0
+
+    def _epoch_eligible(self) -> bool:
+        return True
+
+    def _epoch_end_action(self) -> tuple[bool, bool]:
+        """(reassign params <- w_hat, reset the averaging window) at epoch end."""
+        return False, False
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, state: dict) -> None:
+        pass
+
+    # ---- the step ----------------------------------------------------------
+
+    def _begin_step(self) -> float:
+        self.step_in_epoch += 1
+        self.total_steps += 1
+        coef = float(self._coefficient())
+        if not 0.0 <= coef <= 1.0:
+            raise RuntimeError(f"{type(self).__name__}: coefficient {coef} outside [0, 1]")
+        return coef
+
+    def _end_step(self, coef: float, found_inf) -> None:
+        if coef != 0.0 and not (found_inf is not None and bool(found_inf.item() != 0)):
+            self._count_sample()
+
+    def _count_sample(self) -> None:
+        self.samples += 1
+        self.epoch_samples += 1
+        self.total_samples += 1
+
+    def _sample_after_step(self) -> None:
+        """Post-hook path: count the step and lerp toward the updated weights."""
+        coef = self._begin_step()
+        found_inf = getattr(self.optimizer, "found_inf", None)
+        if coef != 0.0 and not (found_inf is not None and bool(found_inf.item() != 0)):
+            self._lerp_now(coef, only_with_grad=True)
+        self._end_step(coef, found_inf)
+
+    def _lerp_now(self, coef: float, only_with_grad: bool) -> None:
+        # Like the fused kernels, the post-hook skips params the step skipped.
+        avgs, weights = [], []
+        for p, avg in zip(self.params, self.averages):
+            if p.grad is not None or not only_with_grad:
+                avgs.append(avg)
+                weights.append(self._weight(p, avg))
+        average_reference_(avgs, weights, coef)
+
+    def _weight(self, p: torch.Tensor, avg: torch.Tensor) -> torch.Tensor:
+        """What the average follows: the fp32 master copy when the optimizer keeps one."""
+        if avg.dtype != p.dtype:
+            master = self.optimizer.state.get(p, {}).get("master_param")
+            if master is not None:
+                return master
+        return p.detach()
+
+    def _averages_for(self, params, master: bool) -> list[torch.Tensor]:
+        """The averages of one fused plan bucket, in the state dtype of that bucket."""
+        out = []
+        want_master = torch.float32
+        for p in params:
+            i = self._index.get(id(p))
+            if i is None:  # a param group added after the sampler was created
+                self._add_param(p, master)
+                i = self._index[id(p)]
+            avg = self.averages[i]
+            want = want_master if master else p.dtype
+            if avg.dtype != want or avg.device != p.device:
+                avg = self.averages[i] = avg.to(device=p.device, dtype=want)
+            out.append(avg)
+        return out
+
+    def _add_param(self, p, master: bool) -> None:
+        self._index[id(p)] = len(self.params)
+        self.params.append(p)
+        with torch.no_grad():
+            self.averages.append(p.detach().to(torch.float32 if master else p.dtype, copy=True))
+
+    # ---- epoch end ---------------------------------------------------------
+
+    def end_epoch(self, model: torch.nn.Module | None = None, bn_loader=None, bn_fraction: float = 1.0,
+                  forward_fn=None) -> bool:
+        """Call once at the end of every epoch. Does the method's epoch-end work
+        (reassignment params <- w_hat for the periodic methods, then BN
+        recalibration on `bn_fraction` of `bn_loader` when both `model` and
+        `bn_loader` are given) and starts the next epoch's count. Returns
+        whether the params were reassigned."""
+        if bn_loader is not None and model is None:
+            raise ValueError("end_epoch: bn_loader needs model")
+        if (self._ONCE_PER_EPOCH and self.epoch_samples == 0 and self.step_in_epoch > 0
+                and self._epoch_eligible()):
+            self._lerp_now(self._sample_coef(), only_with_grad=False)
+            self._count_sample()
+        reassign, reset = self._epoch_end_action()
+        reassigned = False
+        if reassign and self.samples > 0:
+            self.assign(model=model, bn_loader=bn_loader, bn_fraction=bn_fraction, forward_fn=forward_fn)
+            reassigned = True
+        if reset:
+            self.samples = 0
+        self.step_in_epoch = 0
+        self.epoch_samples = 0
+        self.epoch += 1
+        self._start_epoch()
+        return reassigned
+
+    def _start_epoch(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def assign(self, model: torch.nn.Module | None = None, bn_loader=None, bn_fraction: float = 1.0,
+               forward_fn=None) -> None:
+        """Copy the averages into the params (and into the optimizer's fp32
+        master copies); optimizer moments are kept. With `model` and
+        `bn_loader`, recalibrate BatchNorm statistics afterwards."""
+        for p, avg in zip(self.params, self.averages):
+            p.copy_(avg)
+            master = self.optimizer.state.get(p, {}).get("master_param")
+            if master is not None:
+                master.copy_(avg)
+        if bn_loader is not None:
+            if model is None:
+                raise ValueError("assign: bn_loader needs model")
+            from fasttricks.sampling.bn import recalibrate_bn
+
+            recalibrate_bn(model, bn_loader, fraction=bn_fraction, forward_fn=forward_fn)
+
+    # ---- evaluation ----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def averaged_parameters(self):
+        """Swap the averages into the params for the duration of the block
+        (evaluation), then restore the live params exactly. Gradients,
+        optimizer state and the averages are not touched."""
+        with torch.no_grad():
+            live = [p.detach().clone() for p in self.params]
+            for p, avg in zip(self.params, self.averages):
+                p.copy_(avg)
+        try:
+            yield self
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_([p.detach() for p in self.params], live)
+
+    @torch.no_grad()
+    def copy_to(self, target) -> None:
+        """Write the averages into `target`: a module (its parameters in the
+        order of the optimizer's param groups, e.g. a deepcopy of the trained
+        model built with `optimizer(model.parameters())`) or a sequence of
+        tensors in that order."""
+        tensors = list(target.parameters()) if isinstance(target, torch.nn.Module) else list(target)
+        if len(tensors) != len(self.params):
+            raise ValueError(f"copy_to: target has {len(tensors)} tensors, the sampler averages {len(self.params)}")
+        for t, avg in zip(tensors, self.averages):
+            if t.shape != avg.shape:
+                raise ValueError(f"copy_to: shape {tuple(t.shape)} does not match average {tuple(avg.shape)}")
+        for t, avg in zip(tensors, self.averages):
+            t.copy_(avg)
+
+    # ---- lifecycle and checkpoints ----------------------------------------------
+
+    def detach(self) -> None:
+        """Stop sampling: remove the hooks and un-fuse from the optimizer."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self.fused:
+            self.optimizer._ft_detach_sampler(self)
+            self.fused = False
+
+    def state_dict(self) -> dict:
+        state = {"method": type(self).__name__, "averages": list(self.averages)}
+        state.update({k: getattr(self, k) for k in self._COUNTERS})
+        state.update(self._extra_state())
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("method") != type(self).__name__:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: state is from {state.get('method')!r}")
+        averages = state["averages"]
+        if len(averages) != len(self.averages):
+            raise ValueError(f"{type(self).__name__}.load_state_dict: {len(averages)} averages for "
+                             f"{len(self.averages)} params")
+        for a, b in zip(self.averages, averages):
+            if a.shape != b.shape:
+                raise ValueError(f"{type(self).__name__}.load_state_dict: average shape {tuple(b.shape)}, "
+                                 f"expected {tuple(a.shape)}")
+        for a, b in zip(self.averages, averages):
+            a.copy_(b)  # in place: fused plans keep pointing at these tensors
+        for k in self._COUNTERS:
+            setattr(self, k, int(state[k]))
+        self._load_extra_state(state)
+
+    def _optimizer_state_dict_hook(self, optimizer, state_dict):
+        state_dict.setdefault(_STATE_KEY, {})[self._key] = self.state_dict()
+        return state_dict
+
+    def _optimizer_load_hook(self, optimizer, state_dict):
+        saved = state_dict.get(_STATE_KEY, {})
+        if self._key in saved:
+            self.load_state_dict(saved[self._key])
+        return None
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(epoch={self.epoch}, step_in_epoch={self.step_in_epoch}, "
+                f"samples={self.samples}, fused={self.fused})")
+
+
+def stride_schedule(steps_per_epoch: int, alpha: float, seed: int, epoch: int) -> list[int]:
+    """PSWA's sampled steps (1-based, sorted): n = max(1, ceil(alpha*b)) equal
+    strides of the epoch, one step drawn uniformly inside each. Depends only on
+    (seed, epoch), so every rank and every resumed run draws the same."""
+    b = steps_per_epoch
+    n = max(1, math.ceil(alpha * b - 1e-9 * b))
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63 - 1))
+    out = []
+    for s in range(n):
+        lo, hi = s * b // n + 1, (s + 1) * b // n
+        out.append(lo + int(torch.randint(hi - lo + 1, (1,), generator=gen)))
+    return out
+
+
+__all__ = ["WeightSampler", "stride_schedule"]
