@@ -5,6 +5,13 @@
 
 namespace ftc = fasttricks::cpu;
 
+namespace fasttricks {
+namespace cpu {
+void mixup_blend_rows(const at::Tensor& x, const at::Tensor& out, const at::Tensor& lam,
+                      const std::optional<at::Tensor>& perm);
+}  // namespace cpu
+}  // namespace fasttricks
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fasttricks fused CPU kernels (at::vec, one parallel region per step)";
   m.attr("simd") = py::str(
@@ -16,6 +23,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "default"
 #endif
   );
+
+  m.def("mixup_blend_rows", &ftc::mixup_blend_rows, py::arg("x"), py::arg("out"), py::arg("lam"),
+        py::arg("perm") = py::none(),
+        "Mixup blend of [B, D] rows: flip pairing (perm=None, may be in place) or a permutation");
 
   py::class_<ftc::AdamPlan>(m, "AdamPlan", py::dynamic_attr())
       .def(py::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,

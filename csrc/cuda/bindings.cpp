@@ -18,6 +18,7 @@ ftc::DType to_dtype(at::ScalarType t) {
     case at::kDouble: return ftc::DType::kDouble;
     case at::kBFloat16: return ftc::DType::kBFloat16;
     case at::kHalf: return ftc::DType::kHalf;
+    case at::kByte: return ftc::DType::kByte;
     default: TORCH_CHECK_TYPE(false, "fasttricks cuda backend: unsupported dtype ", t);
   }
 }
@@ -65,10 +66,27 @@ void sgd_step(const at::Tensor& ptrs, const at::Tensor& numels, const at::Tensor
   TORCH_CHECK(err == cudaSuccess, "fasttricks sgd kernel: ", cudaGetErrorString(err));
 }
 
+void mixup_blend_rows(const at::Tensor& x, const at::Tensor& out, const at::Tensor& lam,
+                      const std::optional<at::Tensor>& perm) {
+  TORCH_CHECK(x.is_cuda() && out.is_cuda() && lam.is_cuda(), "mixup: the cuda backend needs CUDA tensors");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && out.is_contiguous() && x.sizes() == out.sizes(),
+              "mixup: rows must be contiguous [B, D] views of the same shape");
+  TORCH_CHECK(lam.scalar_type() == at::kFloat && lam.numel() == x.size(0), "mixup: lam must be float32 [B]");
+  TORCH_CHECK(!perm.has_value() || (perm->scalar_type() == at::kLong && perm->numel() == x.size(0)),
+              "mixup: perm must be int64 [B]");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto err = ftc::launch_mixup(x.data_ptr(), out.data_ptr(), lam.data_ptr<float>(),
+                                     perm.has_value() ? perm->data_ptr<int64_t>() : nullptr, x.size(0), x.size(1),
+                                     to_dtype(x.scalar_type()), at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "fasttricks mixup kernel: ", cudaGetErrorString(err));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fasttricks fused CUDA kernels (multi-tensor, pointer tables)";
   m.def("adam_step", &adam_step);
   m.def("sgd_step", &sgd_step);
+  m.def("mixup_blend_rows", &mixup_blend_rows, py::arg("x"), py::arg("out"), py::arg("lam"),
+        py::arg("perm") = py::none());
 }

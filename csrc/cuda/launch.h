@@ -8,7 +8,7 @@
 namespace fasttricks {
 namespace cuda {
 
-enum class DType : int { kFloat = 0, kDouble = 1, kBFloat16 = 2, kHalf = 3 };
+enum class DType : int { kFloat = 0, kDouble = 1, kBFloat16 = 2, kHalf = 3, kByte = 4 };
 
 // The packed tables of fasttricks/ops/_device.py: ptrs[row * n_tensors + t],
 // numels[t], and one block per chunk (chunk_tensor[c], chunk_start[c]).
@@ -47,6 +47,11 @@ struct SgdArgs {
 // Return cudaSuccess or the launch error (reported by the binding).
 cudaError_t launch_adam(const Tables& tables, const AdamArgs& args, cudaStream_t stream);
 cudaError_t launch_sgd(const Tables& tables, const SgdArgs& args, cudaStream_t stream);
+
+// Mixup blend of [rows, row_elems] (mixup_kernels.cu): perm == nullptr is flip
+// pairing (out may equal x), otherwise out[i] blends x[i] with x[perm[i]].
+cudaError_t launch_mixup(const void* x, void* out, const float* lam, const int64_t* perm, int64_t rows,
+                         int64_t row_elems, DType dtype, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fasttricks

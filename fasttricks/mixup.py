@@ -1,0 +1,248 @@
+"""Mixup and CutMix with factored targets (SPEC section 3; seed 001 section 5.4).
+
+    mixer = Mixup(alpha=0.2, num_classes=10, label_smoothing=0.1)
+    x, target = mixer.mix(x, y)            # x blended (in place with flip pairing)
+    loss = soft_target_cross_entropy(model(x), target)
+
+`target` is a MixedTarget: (y_a, y_b, lam, smoothing, num_classes), never a
+B x C matrix; `target.dense()` builds the matrix when you need one.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fasttricks import _backends
+from fasttricks.ops.mixup import mixup_blend
+
+__all__ = ["Mixup", "MixedTarget", "mixup", "smoothing_coefficients"]
+
+SMOOTHING_MODES = ("torch", "001")
+
+
+def smoothing_coefficients(smoothing: float, num_classes: int, mode: str = "torch") -> tuple[float, float]:
+    """(on, off) with target = on * label_mix + off: torch's convention gives
+    (1-eps) on the label plus eps/K everywhere; seed 001's gives 1-eps on the
+    label and eps/(K-1) elsewhere."""
+    if mode == "torch":
+        return 1.0 - smoothing, smoothing / num_classes
+    if mode == "001":
+        if num_classes < 2:
+            raise ValueError("label smoothing mode '001' needs num_classes >= 2")
+        off = smoothing / (num_classes - 1)
+        return 1.0 - smoothing - off, off
+    raise ValueError(f"smoothing mode must be one of {SMOOTHING_MODES}, got {mode!r}")
+
+
+@dataclass
+class MixedTarget:
+    """target[i] = lam[i] * onehot(y_a[i]) + (1 - lam[i]) * onehot(y_b[i]),
+    then label-smoothed: on * target + off (see smoothing_coefficients)."""
+
+    y_a: torch.Tensor
+    y_b: torch.Tensor
+    lam: torch.Tensor          # float32 [B]
+    num_classes: int
+    smoothing: float = 0.0
+    smoothing_mode: str = "torch"
+
+    def __post_init__(self):
+        if self.y_a.shape != self.y_b.shape or self.y_a.dim() != 1:
+            raise ValueError("MixedTarget: y_a and y_b must be 1-D tensors of one shape")
+        if self.lam.shape != self.y_a.shape:
+            raise ValueError("MixedTarget: one lam per sample")
+        if not 0.0 <= self.smoothing < 1.0:
+            raise ValueError(f"label smoothing must be in [0, 1), got {self.smoothing}")
+        smoothing_coefficients(self.smoothing, self.num_classes, self.smoothing_mode)
+
+    @property
+    def coefficients(self) -> tuple[float, float]:
+        return smoothing_coefficients(self.smoothing, self.num_classes, self.smoothing_mode)
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The B x C target matrix."""
+        on, off = self.coefficients
+        B = self.y_a.shape[0]
+        t = torch.zeros(B, self.num_classes, dtype=dtype, device=self.y_a.device)
+        lam = self.lam.to(device=t.device, dtype=dtype)
+        t.scatter_add_(1, self.y_a.view(-1, 1), (lam * on).view(-1, 1))
+        t.scatter_add_(1, self.y_b.view(-1, 1), ((1 - lam) * on).view(-1, 1))
+        return t.add_(off)
+
+    def to(self, device) -> "MixedTarget":
+        return MixedTarget(self.y_a.to(device), self.y_b.to(device), self.lam.to(device), self.num_classes,
+                           self.smoothing, self.smoothing_mode)
+
+
+def _check_labels(y: torch.Tensor, num_classes: int, batch: int) -> None:
+    if y.dim() != 1 or y.shape[0] != batch:
+        raise ValueError(f"mixup: labels must have shape ({batch},), got {tuple(y.shape)}")
+    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"mixup: labels must be integer class indices, got {y.dtype}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise IndexError(f"mixup: labels must be in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
+
+
+def mixup(x: torch.Tensor, lam, perm: torch.Tensor | None = None, *, inplace: bool = False,
+          backend: str = "auto") -> torch.Tensor:
+    """The blend alone: x_mix = lam * x + (1 - lam) * x[perm] (perm=None: flip
+    pairing, row i with row B-1-i, which may run in place). `lam` is a float
+    or a tensor with one value per sample."""
+    B = x.shape[0] if x.dim() else 0
+    lam = torch.as_tensor(lam, dtype=torch.float32)
+    if lam.dim() == 0:
+        lam = lam.expand(B).contiguous()
+    if lam.numel() and (float(lam.min()) < 0 or float(lam.max()) > 1):
+        raise ValueError("mixup: lam must lie in [0, 1]")
+    return mixup_blend(x, lam, perm, inplace=inplace, backend=backend)
+
+
+class Mixup:
+    """Mixup / CutMix on batches, with factored targets.
+
+    Args:
+        alpha: mixup's Beta(alpha, alpha); 0 switches mixup off.
+        num_classes: number of classes of the labels.
+        label_smoothing: eps in [0, 1), applied to the mixed target.
+        mode: "batch" (one lam per batch), "pair" (one per flip pair), "elem"
+            (one per sample).
+        cutmix_alpha: CutMix's Beta(cutmix_alpha, cutmix_alpha); 0 = off.
+        switch_prob: with both on, the probability of CutMix instead of mixup.
+        prob: probability of mixing a batch (per sample in "elem"/"pair").
+        pairing: "flip" (row i with B-1-i, in place) or "random" (a random
+            permutation, out of place).
+        correct_lam: CutMix's lam is recomputed from the clipped box area.
+        smoothing_mode: "torch" or "001" (see smoothing_coefficients).
+        backend: blend backend ("auto" | "reference" | "cpu" | "triton" | "cuda").
+        seed: seeds the sampler's own generator (lam, boxes, permutations).
+
+    Any batch size works: with flip pairing the middle row of an odd batch
+    pairs with itself and stays unmixed (its target is its own label).
+    """
+
+    def __init__(self, alpha: float = 0.2, num_classes: int = 1000, label_smoothing: float = 0.0,
+                 mode: str = "batch", cutmix_alpha: float = 0.0, switch_prob: float = 0.5, prob: float = 1.0,
+                 pairing: str = "flip", correct_lam: bool = True, smoothing_mode: str = "torch",
+                 backend: str = "auto", seed: int | None = None):
+        if alpha < 0 or cutmix_alpha < 0:
+            raise ValueError(f"alpha and cutmix_alpha must be >= 0, got {alpha}, {cutmix_alpha}")
+        if alpha == 0 and cutmix_alpha == 0:
+            raise ValueError("Mixup needs alpha > 0 or cutmix_alpha > 0")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if mode not in ("batch", "pair", "elem"):
+            raise ValueError(f"mode must be 'batch', 'pair' or 'elem', got {mode!r}")
+        if pairing not in ("flip", "random"):
+            raise ValueError(f"pairing must be 'flip' or 'random', got {pairing!r}")
+        if not 0.0 <= switch_prob <= 1.0 or not 0.0 <= prob <= 1.0:
+            raise ValueError("switch_prob and prob must be in [0, 1]")
+        smoothing_coefficients(label_smoothing, num_classes, smoothing_mode)
+        _backends.check_backend_name(backend)
+        self.alpha, self.cutmix_alpha = float(alpha), float(cutmix_alpha)
+        self.num_classes, self.label_smoothing, self.smoothing_mode = num_classes, float(label_smoothing), \
+            smoothing_mode
+        self.mode, self.switch_prob, self.prob, self.pairing = mode, float(switch_prob), float(prob), pairing
+        self.correct_lam, self.backend = bool(correct_lam), backend
+        self.generator = torch.Generator()
+        self.generator.manual_seed(seed if seed is not None else int(torch.initial_seed()) % (2**63))
+
+    # ---- draws -----------------------------------------------------------------
+
+    def _beta(self, a: float, n: int) -> torch.Tensor:
+        if n == 0:
+            return torch.zeros(0, dtype=torch.float64)
+        # Beta(a, a) from two Gammas, on the sampler's own generator.
+        conc = torch.full((n,), a, dtype=torch.float64)
+        ga = torch._standard_gamma(conc, generator=self.generator)
+        gb = torch._standard_gamma(conc, generator=self.generator)
+        return ga / (ga + gb)
+
+    def _uniform(self, n: int) -> torch.Tensor:
+        return torch.rand(n, dtype=torch.float64, generator=self.generator)
+
+    def _draw(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lam [n], use_cutmix [n] bool) for n draws; lam = 1 where not mixed."""
+        use_cutmix = torch.zeros(n, dtype=torch.bool)
+        if self.alpha > 0 and self.cutmix_alpha > 0:
+            use_cutmix = self._uniform(n) < self.switch_prob
+        elif self.cutmix_alpha > 0:
+            use_cutmix = torch.ones(n, dtype=torch.bool)
+        lam = torch.where(use_cutmix, self._beta(self.cutmix_alpha or 1.0, n), self._beta(self.alpha or 1.0, n))
+        apply = self._uniform(n) < self.prob
+        return torch.where(apply, lam, torch.ones_like(lam)), use_cutmix & apply
+
+    def _box(self, lam: float, h: int, w: int) -> tuple[int, int, int, int]:
+        """A box of area ~ (1 - lam) h w with a uniformly drawn centre, clipped."""
+        cut = math.sqrt(1.0 - lam)
+        ch, cw = int(h * cut), int(w * cut)
+        cy = int(torch.randint(h, (1,), generator=self.generator))
+        cx = int(torch.randint(w, (1,), generator=self.generator))
+        return max(cy - ch // 2, 0), min(cy + ch // 2, h), max(cx - cw // 2, 0), min(cx + cw // 2, w)
+
+    # ---- mixing ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, MixedTarget]:
+        """Blend a batch and return (x_mixed, MixedTarget). With flip pairing
+        and mixup the blend runs in place on x; CutMix pastes boxes in place."""
+        if x.dim() < 2:
+            raise ValueError(f"mixup: x must be a batch [B, ...], got shape {tuple(x.shape)}")
+        B = x.shape[0]
+        _check_labels(y, self.num_classes, B)
+        y = y.long()
+        perm = None if self.pairing == "flip" else torch.randperm(B, generator=self.generator)
+        partner = torch.arange(B - 1, -1, -1) if perm is None else perm
+        if self.mode == "batch":
+            lam, cut = self._draw(1)
+            lam, cut = lam.expand(B).clone(), cut.expand(B).clone()
+        elif self.mode == "pair":
+            half = (B + 1) // 2
+            lam_h, cut_h = self._draw(half)
+            idx = torch.minimum(torch.arange(B), torch.arange(B - 1, -1, -1))
+            lam, cut = lam_h[idx], cut_h[idx]
+        else:
+            lam, cut = self._draw(B)
+        if perm is None and B % 2 == 1:  # the middle row of an odd flip batch pairs with itself
+            lam[B // 2], cut[B // 2] = 1.0, False
+        if cut.any():
+            if x.dim() < 3:
+                raise ValueError("CutMix needs image batches [B, C, H, W] (or [B, H, W])")
+            lam = self._cutmix(x, lam, cut, partner)
+        blend_lam = torch.where(cut, torch.ones_like(lam), lam).float()
+        if not cut.all() and bool((blend_lam < 1).any()):
+            if perm is None:
+                x = mixup_blend(x, blend_lam, None, inplace=True, backend=self.backend)
+            else:
+                x = mixup_blend(x, blend_lam, perm.to(x.device), backend=self.backend)
+        target = MixedTarget(y, y[partner.to(y.device)], lam.float().to(y.device), self.num_classes,
+                             self.label_smoothing, self.smoothing_mode)
+        return x, target
+
+    def __call__(self, x, y):
+        return self.mix(x, y)
+
+    def _cutmix(self, x, lam, cut, partner):
+        """Paste boxes from the partner rows (in place) and return the corrected lam."""
+        h, w = x.shape[-2], x.shape[-1]
+        lam = lam.clone()
+        source = x.clone() if (partner != torch.arange(x.shape[0] - 1, -1, -1)).any() or self.mode != "batch" \
+            else None
+        if self.mode == "batch":
+            y0, y1, x0, x1 = self._box(float(lam[0]), h, w)
+            if source is None:
+                x[..., y0:y1, x0:x1] = x.flip(0)[..., y0:y1, x0:x1]
+            else:
+                x[..., y0:y1, x0:x1] = source[partner.to(x.device)][..., y0:y1, x0:x1]
+            if self.correct_lam:
+                lam[cut] = 1.0 - (y1 - y0) * (x1 - x0) / float(h * w)
+        else:
+            for i in torch.nonzero(cut).flatten().tolist():
+                y0, y1, x0, x1 = self._box(float(lam[i]), h, w)
+                x[i, ..., y0:y1, x0:x1] = source[int(partner[i]), ..., y0:y1, x0:x1]
+                if self.correct_lam:
+                    lam[i] = 1.0 - (y1 - y0) * (x1 - x0) / float(h * w)
+        return lam

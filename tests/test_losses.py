@@ -1,0 +1,90 @@
+"""Soft-target CE on factored mixup targets and distillation, against torch."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fasttricks.losses import distillation_loss, soft_target_cross_entropy
+from fasttricks.mixup import MixedTarget
+
+
+def target(B=7, C=11, smoothing=0.0, mode="torch", seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return MixedTarget(torch.randint(C, (B,), generator=g), torch.randint(C, (B,), generator=g),
+                       torch.rand(B, generator=g), C, smoothing, mode)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_unmixed_target_equals_torch_label_smoothing(smoothing):
+    logits = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(5, (9,))
+    t = MixedTarget(y, y, torch.ones(9), 5, smoothing)
+    ours = soft_target_cross_entropy(logits, t)
+    ref = F.cross_entropy(logits, y, label_smoothing=smoothing)
+    torch.testing.assert_close(ours, ref)
+    g1, = torch.autograd.grad(ours, logits)
+    g2, = torch.autograd.grad(ref, logits)
+    torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.parametrize("smoothing, mode", [(0.0, "torch"), (0.2, "torch"), (0.2, "001")])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_factored_equals_dense_soft_target(smoothing, mode, reduction):
+    t = target(smoothing=smoothing, mode=mode)
+    logits = torch.randn(7, 11, dtype=torch.float64, requires_grad=True)
+    ours = soft_target_cross_entropy(logits, t, reduction=reduction)
+    dense = t.dense(torch.float64)
+    ref = -(dense * torch.log_softmax(logits, 1)).sum(1)
+    ref = {"mean": ref.mean(), "sum": ref.sum(), "none": ref}[reduction]
+    torch.testing.assert_close(ours, ref)
+    w = torch.randn_like(ours)
+    torch.testing.assert_close(torch.autograd.grad((ours * w).sum(), logits)[0],
+                               torch.autograd.grad((ref * w).sum(), logits)[0])
+    torch.testing.assert_close(F.cross_entropy(logits, dense, reduction=reduction), ref)  # torch agrees
+
+
+def test_seed_001_smoothing_convention():
+    t = MixedTarget(torch.tensor([2]), torch.tensor([2]), torch.ones(1), 5, 0.1, "001")
+    torch.testing.assert_close(t.dense(), torch.tensor([[0.025, 0.025, 0.9, 0.025, 0.025]]))
+
+
+def test_gradcheck_fp64():
+    t = target(B=4, C=6, smoothing=0.1)
+    logits = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z: soft_target_cross_entropy(z, t, reduction="none"), (logits,))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_logits(dtype):
+    t = target()
+    logits = torch.randn(7, 11)
+    truth = soft_target_cross_entropy(logits.double(), t)
+    ours = soft_target_cross_entropy(logits.to(dtype), t)
+    torch_err = abs(float(-(t.dense(dtype) * torch.log_softmax(logits.to(dtype), 1)).sum(1).mean()) - float(truth))
+    assert abs(float(ours) - float(truth)) <= 2 * max(torch_err, torch.finfo(dtype).eps * float(truth))
+
+
+def test_distillation_equals_its_formula():
+    z = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(4, (6,))
+    T = 3.0
+    ours = distillation_loss(z, r, y, T)
+    p_teacher = torch.softmax(r / T, 1)
+    ref = F.cross_entropy(z, y) + T * T * (-(p_teacher * torch.log_softmax(z / T, 1)).sum(1).mean())
+    torch.testing.assert_close(ours, ref)
+    ours.backward()
+    assert r.grad is None  # the teacher gets no gradient
+    with pytest.raises(ValueError, match="temperature"):
+        distillation_loss(z, r, y, 0.0)
+
+
+def test_bad_input():
+    logits = torch.randn(7, 11)
+    with pytest.raises(ValueError, match="classes"):
+        soft_target_cross_entropy(torch.randn(7, 10), target())
+    with pytest.raises(ValueError, match="dense target shape"):
+        soft_target_cross_entropy(logits, torch.rand(7, 10))
+    with pytest.raises(ValueError, match="reduction"):
+        soft_target_cross_entropy(logits, target(), reduction="max")
+    with pytest.raises(ValueError, match="label smoothing"):
+        target(smoothing=1.0)

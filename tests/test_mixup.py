@@ -1,0 +1,177 @@
+"""Mixup blend on every backend against the formula; Mixup / CutMix targets."""
+import pytest
+import torch
+
+from fasttricks.mixup import MixedTarget, Mixup, mixup
+from fasttricks.ops.mixup import mixup_blend, mixup_blend_reference
+from helpers import BACKENDS
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.float64]
+
+
+def batch(B, dtype, shape=(3, 5, 7), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand((B,) + shape, generator=g, dtype=torch.float64) * (255 if dtype == torch.uint8 else 4) - \
+        (0 if dtype == torch.uint8 else 2)
+    return x.to(dtype)
+
+
+def formula(x, lam, partner):
+    """fp64 truth: lam * x + (1 - lam) * x[partner]."""
+    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+    lam = lam.double().view(shape)
+    return lam * x.double() + (1 - lam) * x.double()[partner]
+
+
+def tolerance(dtype, backend):
+    """One rounding of the result (half up for uint8), per DESIGN's low-precision rule:
+    the Triton interpreter truncates 16-bit stores, so allow one ulp there."""
+    if dtype == torch.uint8:
+        return 0.5 + 1e-9
+    eps = torch.finfo(dtype).eps
+    ulp = 2 if backend == "triton" and dtype in (torch.bfloat16, torch.float16) else 1
+    return ulp * eps * 4 + (1e-6 if dtype == torch.float32 else 0)
+
+
+def backend_dtypes():
+    for backend in BACKENDS:
+        for dtype in DTYPES:
+            if backend == "triton" and dtype == torch.float64:
+                continue
+            yield backend, dtype
+
+
+@pytest.mark.parametrize("backend, dtype", list(backend_dtypes()))
+@pytest.mark.parametrize("B", [1, 2, 5, 8])
+@pytest.mark.parametrize("pairing", ["flip", "perm"])
+def test_blend_equals_formula(backend, dtype, B, pairing):
+    x = batch(B, dtype)
+    lam = torch.rand(B, generator=torch.Generator().manual_seed(B))
+    perm = torch.randperm(B, generator=torch.Generator().manual_seed(1)) if pairing == "perm" else None
+    partner = perm if perm is not None else torch.arange(B - 1, -1, -1)
+    expected = formula(x, lam, partner)
+    if pairing == "flip" and B % 2:
+        expected[B // 2] = x[B // 2].double()  # the middle row pairs with itself
+    if pairing == "flip":
+        out = x.clone()
+        assert mixup_blend(out, lam, inplace=True, backend=backend) is out
+    else:
+        out = mixup_blend(x, lam, perm, backend=backend)
+    assert out.dtype == dtype and out.shape == x.shape
+    err = (out.double() - expected).abs().max().item()
+    assert err <= tolerance(dtype, backend) * max(1.0, expected.abs().max().item()), err
+    if dtype == torch.uint8:  # half up: the same on every backend
+        assert torch.equal(out, mixup_blend_reference(x, lam, perm))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_and_non_contiguous(backend):
+    x = batch(6, torch.float32, (4, 6, 5)).contiguous(memory_format=torch.channels_last)
+    lam = torch.rand(6)
+    out = mixup_blend(x.clone(memory_format=torch.channels_last), lam, backend=backend)
+    torch.testing.assert_close(out, mixup_blend_reference(x, lam, None))
+    inplace = x.clone(memory_format=torch.channels_last)
+    mixup_blend(inplace, lam, inplace=True, backend=backend)
+    assert inplace.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(inplace, out)
+    strided = batch(6, torch.float32, (8, 5))[:, ::2]  # not one dense block per sample
+    torch.testing.assert_close(mixup_blend(strided, lam, backend=backend), mixup_blend_reference(strided, lam, None))
+    mixup_blend(strided, lam, inplace=True, backend=backend)
+    torch.testing.assert_close(strided, mixup_blend_reference(batch(6, torch.float32, (8, 5))[:, ::2], lam, None))
+
+
+def test_blend_bad_input():
+    x = batch(4, torch.float32)
+    with pytest.raises(ValueError, match="lam must have shape"):
+        mixup_blend(x, torch.rand(3))
+    with pytest.raises(IndexError, match="perm has indices"):
+        mixup_blend(x, torch.rand(4), torch.tensor([0, 1, 2, 4]))
+    with pytest.raises(ValueError, match="cannot run in place"):
+        mixup_blend(x, torch.rand(4), torch.tensor([1, 0, 3, 2]), inplace=True)
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        mixup_blend(x.to(torch.int32), torch.rand(4))
+    with pytest.raises(ValueError, match="lam must lie"):
+        mixup(x, 1.5)
+    assert torch.equal(mixup(x, 1.0), x)
+
+
+@pytest.mark.parametrize("mode", ["batch", "pair", "elem"])
+@pytest.mark.parametrize("B", [7, 8])
+def test_mixup_targets_match_the_blend(mode, B):
+    x, y = batch(B, torch.float32), torch.randint(10, (B,), generator=torch.Generator().manual_seed(2))
+    mixer = Mixup(alpha=0.4, num_classes=10, label_smoothing=0.1, mode=mode, seed=3)
+    original = x.clone()
+    mixed, target = mixer.mix(x, y)
+    assert mixed is x  # flip pairing runs in place
+    partner = torch.arange(B - 1, -1, -1)
+    torch.testing.assert_close(mixed.double(), formula(original, target.lam, partner), rtol=1e-6, atol=1e-6)
+    assert torch.equal(target.y_a, y) and torch.equal(target.y_b, y.flip(0))
+    if mode == "batch":
+        assert len(set(target.lam.tolist()) - {1.0}) <= 1
+    if mode == "pair":
+        assert torch.equal(target.lam, target.lam.flip(0))
+    if mode == "elem":
+        assert len(set(target.lam.tolist())) > 2
+    dense = target.dense()
+    assert dense.shape == (B, 10) and torch.allclose(dense.sum(1), torch.ones(B))
+    expected = 0.9 * (target.lam[:, None] * torch.nn.functional.one_hot(y, 10) +
+                      (1 - target.lam[:, None]) * torch.nn.functional.one_hot(y.flip(0), 10)) + 0.01
+    torch.testing.assert_close(dense, expected)
+
+
+def test_random_pairing_is_out_of_place_and_uint8_works():
+    x = batch(6, torch.uint8)
+    y = torch.arange(6)
+    original = x.clone()
+    mixed, target = Mixup(alpha=1.0, num_classes=6, pairing="random", seed=0).mix(x, y)
+    assert torch.equal(x, original) and mixed.dtype == torch.uint8
+    partner = target.y_b  # labels are the row indices here
+    expected = torch.floor(formula(original, target.lam, partner) + 0.5)
+    assert torch.equal(mixed.double(), expected)
+
+
+def test_cutmix_pastes_boxes_and_corrects_lam():
+    B = 4
+    x = torch.arange(B, dtype=torch.float32).view(B, 1, 1, 1).expand(B, 3, 16, 16).clone()
+    y = torch.arange(B)
+    mixed, target = Mixup(alpha=0.0, cutmix_alpha=1.0, num_classes=B, seed=5).mix(x, y)
+    for i in range(B):
+        own = (mixed[i] == i).float().mean().item()
+        assert own == pytest.approx(target.lam[i].item())  # lam = the area kept
+        assert set(mixed[i].unique().tolist()) <= {float(i), float(B - 1 - i)}
+    switched = Mixup(alpha=0.5, cutmix_alpha=1.0, switch_prob=0.5, num_classes=B, mode="elem", seed=1)
+    x = torch.arange(B, dtype=torch.float32).view(B, 1, 1, 1).expand(B, 3, 16, 16).clone()
+    mixed, target = switched.mix(x, y)
+    assert mixed.shape == x.shape and ((target.lam >= 0) & (target.lam <= 1)).all()
+
+
+def test_determinism_under_a_seed():
+    outs = []
+    for _ in range(2):
+        x, y = batch(8, torch.float32), torch.arange(8) % 3
+        mixed, target = Mixup(alpha=0.3, cutmix_alpha=1.0, num_classes=3, mode="elem", seed=11).mix(x, y)
+        outs.append((mixed, target.lam))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("kw, error, message", [
+    ({"alpha": -1}, ValueError, "alpha"),
+    ({"alpha": 0.0}, ValueError, "alpha > 0 or cutmix_alpha > 0"),
+    ({"label_smoothing": 1.0}, ValueError, "label_smoothing"),
+    ({"mode": "row"}, ValueError, "mode"),
+    ({"num_classes": 0}, ValueError, "num_classes"),
+    ({"smoothing_mode": "x"}, ValueError, "smoothing mode"),
+])
+def test_mixup_bad_arguments(kw, error, message):
+    with pytest.raises(error, match=message):
+        Mixup(**{"num_classes": 10, **kw})
+
+
+def test_mixup_bad_labels():
+    mixer = Mixup(num_classes=5)
+    with pytest.raises(IndexError, match=r"labels must be in \[0, 5\)"):
+        mixer.mix(batch(4, torch.float32), torch.tensor([0, 1, 2, 5]))
+    with pytest.raises(ValueError, match="labels must have shape"):
+        mixer.mix(batch(4, torch.float32), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="one lam per sample"):
+        MixedTarget(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long), torch.ones(2), 4)
