@@ -1,0 +1,131 @@
+"""The `fasttricks` command: demo, bench, lr-find.
+
+    fasttricks demo [--quick] [--out DIR] [--data digits|cifar10] [--data-dir DIR] [--ddp]
+    fasttricks bench [--quick] [--only optim,sampling,mixup]
+    fasttricks lr-find [--out DIR] [--data ...]
+
+Under torchrun, `demo --ddp` trains with DistributedDataParallel over the
+gloo backend (CPU) or NCCL (CUDA): each rank takes its share of every global
+batch, and rank 0 writes the report.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+
+def _demo(args) -> int:
+    from fasttricks.demo import RECIPES, DemoConfig, run_demo
+
+    recipes = tuple(args.recipes.split(",")) if args.recipes else RECIPES
+    bad = [r for r in recipes if r not in RECIPES]
+    if bad:
+        raise SystemExit(f"unknown recipe(s) {bad}; choose from {','.join(RECIPES)}")
+    kw = {"data": args.data, "data_dir": args.data_dir, "out": args.out, "recipes": recipes, "ddp": args.ddp,
+          "progress": not args.no_progress}
+    for name in ("epochs", "seeds", "batch_size", "lr"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    cfg = DemoConfig.quick_config(**kw) if args.quick else DemoConfig(**kw)
+    if args.ddp:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+    try:
+        result = run_demo(cfg, command="fasttricks " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    finally:
+        if args.ddp:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if not args.ddp or _rank() == 0:
+        out = Path(cfg.out)
+        print((out / "report.md").read_text())
+        print(f"wrote {out / 'report.md'}, {out / 'report.json'}, {out / 'accuracy.png'}, {out / 'lr_schedule.png'}")
+    return 0 if result["summary"] else 1
+
+
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
+def _bench(args) -> int:
+    root = Path(__file__).resolve().parent.parent / "bench"
+    if not root.is_dir():
+        raise SystemExit("fasttricks bench runs the scripts in the source checkout's bench/ folder; "
+                         f"{root} does not exist (run it from a clone)")
+    sys.path.insert(0, str(root))
+    import importlib
+
+    only = args.only.split(",") if args.only else ["optim", "sampling", "mixup"]
+    for name in only:
+        print(f"\n== bench_{name} ==")
+        module = importlib.import_module(f"bench_{name}")
+        module.main(["--quick"] if args.quick else [])
+    return 0
+
+
+def _lr_find(args) -> int:
+    import torch
+    import torch.nn.functional as F
+
+    from fasttricks import lr_find
+    from fasttricks.data import Batches
+    from fasttricks.demo import DemoConfig, build_model, load_data
+    from fasttricks.optim import SGD
+
+    cfg = DemoConfig(data=args.data, data_dir=args.data_dir)
+    x, y, _, _ = load_data(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg, x.shape[1], int(y.max()) + 1, zero_gamma=False)
+    opt = SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    result = lr_find(model, Batches(x, y, 64), F.cross_entropy, opt, start_lr=args.start_lr, end_lr=args.end_lr,
+                     num_steps=args.num_steps)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = result.plot(out / "lr_find.png")
+    suggestion = f"{result.suggestion:.3g}" if result.suggestion else "none"
+    print(f"tested {len(result.lrs)} lrs from {result.lrs[0]:.2g} to {result.lrs[-1]:.2g}"
+          f"{' (stopped: the loss diverged)' if result.diverged else ''}; suggested lr: {suggestion}")
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="fasttricks", description="Fused training tricks for PyTorch.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="train a small ResNet with several recipes and write a report")
+    d.add_argument("--quick", action="store_true", help="8 epochs x 2 seeds: about a minute on 2 CPU cores")
+    d.add_argument("--out", default="demo_out")
+    d.add_argument("--data", default="digits", choices=["digits", "cifar10"])
+    d.add_argument("--data-dir", default=None, help="folder with cifar-10-batches-py (python pickle version)")
+    d.add_argument("--epochs", type=int)
+    d.add_argument("--seeds", type=int)
+    d.add_argument("--batch-size", type=int)
+    d.add_argument("--lr", type=float)
+    d.add_argument("--recipes", default=None, help="comma-separated subset of the recipes")
+    d.add_argument("--ddp", action="store_true", help="DistributedDataParallel under torchrun (gloo)")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(fn=_demo)
+    b = sub.add_parser("bench", help="run the microbenchmarks against torch (from a source checkout)")
+    b.add_argument("--quick", action="store_true")
+    b.add_argument("--only", default=None, help="comma-separated: optim,sampling,mixup")
+    b.set_defaults(fn=_bench)
+    f = sub.add_parser("lr-find", help="the LR range test on the demo model; saves lr_find.png")
+    f.add_argument("--out", default="demo_out")
+    f.add_argument("--data", default="digits", choices=["digits", "cifar10"])
+    f.add_argument("--data-dir", default=None)
+    f.add_argument("--start-lr", type=float, default=1e-5)
+    f.add_argument("--end-lr", type=float, default=10.0)
+    f.add_argument("--num-steps", type=int, default=100)
+    f.set_defaults(fn=_lr_find)
+    args = ap.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Data for the demo: scikit-learn's bundled digits (embedded, no download) and
+CIFAR-10 from its python-pickle files on disk (no torchvision)."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["load_digits", "load_cifar10", "Batches"]
+
+
+def load_digits(test_fraction: float = 0.2, seed: int = 0):
+    """(x_train, y_train, x_test, y_test): 1797 8x8 grey digits scaled to
+    [0, 1] as [N, 1, 8, 8] float32, split per class with a fixed seed."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    data = sk_digits()
+    x = torch.from_numpy(data.images.astype(np.float32) / 16.0).unsqueeze(1)
+    y = torch.from_numpy(data.target.astype(np.int64))
+    return _split(x, y, test_fraction, seed)
+
+
+def _split(x, y, test_fraction, seed):
+    g = torch.Generator().manual_seed(seed)
+    train_idx, test_idx = [], []
+    for c in torch.unique(y).tolist():  # stratified: the same share of every class
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_test = int(round(len(idx) * test_fraction))
+        test_idx.append(idx[:n_test])
+        train_idx.append(idx[n_test:])
+    tr, te = torch.cat(train_idx).sort().values, torch.cat(test_idx).sort().values
+    return x[tr], y[tr], x[te], y[te]
+
+
+def load_cifar10(data_dir: str | Path):
+    """(x_train, y_train, x_test, y_test) from `cifar-10-batches-py` (the
+    python version of CIFAR-10): uint8 [N, 3, 32, 32] scaled to [0, 1] and
+    normalised per channel with the training set's mean and std."""
+    root = Path(data_dir)
+    if (root / "cifar-10-batches-py").is_dir():
+        root = root / "cifar-10-batches-py"
+    files = [root / f"data_batch_{i}" for i in range(1, 6)]
+    missing = [str(f) for f in files + [root / "test_batch"] if not f.exists()]
+    if missing:
+        raise FileNotFoundError(f"CIFAR-10 python files not found: {', '.join(missing)}")
+
+    def read(path):
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+        x = torch.from_numpy(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        return x, torch.tensor(d[b"labels"], dtype=torch.int64)
+
+    parts = [read(f) for f in files]
+    x_train = torch.cat([p[0] for p in parts]).float() / 255
+    y_train = torch.cat([p[1] for p in parts])
+    x_test, y_test = read(root / "test_batch")
+    x_test = x_test.float() / 255
+    mean = x_train.mean(dim=(0, 2, 3), keepdim=True)
+    std = x_train.std(dim=(0, 2, 3), keepdim=True)
+    return (x_train - mean) / std, y_train, (x_test - mean) / std, y_test
+
+
+class Batches:
+    """Shuffled mini-batches of in-memory tensors, reshuffled each epoch from
+    (seed, epoch); `shard=(rank, world)` keeps this rank's slice of every
+    global batch (DDP: the ranks together see exactly the global batch)."""
+
+    def __init__(self, x, y, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+                 shard: tuple[int, int] = (0, 1)):
+        self.x, self.y, self.batch_size, self.shuffle, self.seed = x, y, batch_size, shuffle, seed
+        self.drop_last, self.shard, self.epoch = drop_last, shard, 0
+
+    def __len__(self):
+        n = len(self.x)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.x)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        else:
+            order = torch.arange(n)
+        rank, world = self.shard
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            if world > 1:
+                idx = idx.chunk(world)[rank] if len(idx) >= world else idx[:0]
+            yield self.x[idx], self.y[idx]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch

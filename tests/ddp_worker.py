@@ -1,0 +1,42 @@
+"""Worker for tests/test_distributed.py (importable by spawned processes)."""
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import fasttricks
+from fasttricks.data import Batches
+from fasttricks.sampling import EMA, PWALKS, recalibrate_bn
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=g)
+    return x, (x[:, :4].sum(1) > 0).long() + 2 * (x[:, 4:].sum(1) > 0).long()
+
+
+def train(rank, world, init_file, out_dir, backend="cpu"):
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    opt = fasttricks.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, backend=backend)
+    x, y = data()
+    batches = Batches(x, y, 16, seed=0, shard=(rank, world))
+    pwalks = PWALKS(opt, steps_per_epoch=len(batches), k=0.5)
+    ema = EMA(opt, decay=0.8)
+    for epoch in range(3):
+        batches.set_epoch(epoch)
+        for xb, yb in batches:
+            opt.zero_grad()
+            F.cross_entropy(net(xb), yb).backward()
+            opt.step()
+        pwalks.end_epoch()
+    # BN statistics from each rank's shard, averaged across ranks.
+    bn = torch.nn.BatchNorm1d(8)
+    recalibrate_bn(torch.nn.Sequential(bn), [(xb, yb) for xb, yb in batches])
+    torch.save({"params": [p.detach() for p in model.parameters()], "pwalks": pwalks.averages,
+                "ema": ema.averages, "bn": (bn.running_mean, bn.running_var),
+                "shard_means": [xb.mean(0) for xb, _ in batches]}, f"{out_dir}/rank{rank}_of{world}.pt")
+    if world > 1:
+        dist.destroy_process_group()

@@ -1,0 +1,53 @@
+"""`fasttricks demo --quick` end to end: the report's structure, and numbers
+that are computed from the runs (not constants)."""
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from fasttricks.demo import RECIPES, stability, summarise
+
+
+def fasttricks_command():
+    exe = shutil.which("fasttricks")
+    return [exe] if exe else [sys.executable, "-m", "fasttricks.cli"]
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end(tmp_path):
+    out = subprocess.run(fasttricks_command() + ["demo", "--quick", "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    root = tmp_path / "out"
+    report = json.loads((root / "report.json").read_text())
+    runs, summary = report["runs"], report["summary"]
+    assert report["config"]["quick"] and len(runs) == len(RECIPES) * report["config"]["seeds"]
+    assert [r["recipe"] for r in summary] == list(RECIPES)
+    epochs = report["config"]["epochs"]
+    for run in runs:
+        assert len(run["test_acc"]) == epochs and all(0 <= a <= 100 for a in run["test_acc"])
+        assert len(run["lr"]) == epochs * run["steps_per_epoch"] and all(t > 0 for t in run["epoch_seconds"])
+    for row in summary:  # the table is computed from the runs
+        finals = [r["test_acc"][-1] for r in runs if r["recipe"] == row["recipe"]]
+        assert row["final_acc_mean"] == pytest.approx(statistics.mean(finals))
+        assert row["final_acc_mean"] > 50  # it learned: 10 classes, chance is 10%
+    assert summarise(runs, epochs) == summary
+    assert len({round(r["final_acc_mean"], 6) for r in summary} | {round(r["sd_last_epochs"], 6) for r in summary}) > 2
+    assert any(len(set(r["test_acc"])) > 1 for r in runs)
+    assert all("overhead_pct_vs_plain" in r for r in summary if r["recipe"] in ("pswa", "pwalks", "ema"))
+    md = (root / "report.md").read_text()
+    assert sum(line.startswith(f"| {r} |") for line in md.splitlines() for r in RECIPES) == len(RECIPES)
+    for png in ("accuracy.png", "lr_schedule.png"):
+        assert (root / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "report.md" in out.stdout
+
+
+def test_stability_metrics_by_hand():
+    m = stability([[50.0, 60.0, 59.9, 59.0, 61.0]], last=3)
+    assert m["pct_improving"] == 50.0                # 60 > 50, 61 > 59
+    assert m["pct_within_0.2_of_previous"] == 75.0   # all but 59.9 -> 59.0
+    assert m["pct_within_0.2_of_best"] == 75.0       # 59.0 is 1.0 below the best 60
+    assert m["sd_last_epochs"] == pytest.approx(statistics.pstdev([59.9, 59.0, 61.0]))
