@@ -245,36 +245,38 @@ def write_report(out: Path, cfg: DemoConfig, runs: list[dict], rows: list[dict],
     _plots(out, runs)
 
 
-def _plots(out: Path, runs: list[dict]) -> None:
+def _line_plot(path: Path, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, height: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7, height))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plots(out: Path, runs: list[dict]) -> None:
     by_recipe: dict[str, list[list[float]]] = {}
     for r in runs:
         by_recipe.setdefault(r["recipe"], []).append(r["test_acc"])
-    for recipe, curves in by_recipe.items():
-        mean = [statistics.mean(c) for c in zip(*curves)]
-        ax.plot(range(1, len(mean) + 1), mean, label=recipe)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy (%), mean over seeds")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=100)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    curves = {}
+    for recipe, accs in by_recipe.items():
+        mean = [statistics.mean(c) for c in zip(*accs)]
+        curves[recipe] = (list(range(1, len(mean) + 1)), mean)
+    _line_plot(out / "accuracy.png", curves, "epoch", "test accuracy (%), mean over seeds", 4.5)
+    lrs = {}
     for recipe in ("plain_sgd", "bag_of_tricks"):
         lr = next((r["lr"] for r in runs if r["recipe"] == recipe), None)
         if lr:
-            ax.plot(lr, label=recipe)
-    ax.set_xlabel("step")
-    ax.set_ylabel("learning rate")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "lr_schedule.png", dpi=100)
-    plt.close(fig)
+            lrs[recipe] = (list(range(len(lr))), lr)
+    _line_plot(out / "lr_schedule.png", lrs, "step", "learning rate", 3.5)
 
 
 def run_demo(cfg: DemoConfig, command: str | None = None) -> dict:
