@@ -54,14 +54,19 @@ def _rank() -> int:
 
 
 def _bench(args) -> int:
-    root = Path(__file__).resolve().parent.parent / "bench"
-    if not root.is_dir():
-        raise SystemExit("fasttricks bench runs the scripts in the source checkout's bench/ folder; "
-                         f"{root} does not exist (run it from a clone)")
+    # The benches live in the source checkout (bench/), next to their results/.
+    candidates = [Path.cwd() / "bench", Path(__file__).resolve().parent.parent / "bench"]
+    root = next((c for c in candidates if (c / "bench_optim.py").is_file()), None)
+    if root is None:
+        raise SystemExit("fasttricks bench runs the scripts in a source checkout's bench/ folder: "
+                         "run it from the root of a clone")
     sys.path.insert(0, str(root))
     import importlib
 
-    only = args.only.split(",") if args.only else ["optim", "sampling", "mixup"]
+    known = ["optim", "sampling", "mixup"]
+    only = args.only.split(",") if args.only else known
+    if any(name not in known for name in only):
+        raise SystemExit(f"--only takes a comma-separated subset of {','.join(known)}, got {args.only!r}")
     for name in only:
         print(f"\n== bench_{name} ==")
         module = importlib.import_module(f"bench_{name}")

@@ -14,12 +14,23 @@ def data():
     return x, (x[:, :4].sum(1) > 0).long() + 2 * (x[:, 4:].sum(1) > 0).long()
 
 
-def train(rank, world, init_file, out_dir, backend="cpu"):
+def full(tensors):
+    """Whole tensors (DTensor shards are gathered: a collective, every rank calls it)."""
+    return [t.full_tensor() if hasattr(t, "full_tensor") else t.detach() for t in tensors]
+
+
+def train(rank, world, init_file, out_dir, backend="cpu", wrap="ddp"):
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    net = model
+    if world > 1 and wrap == "ddp":
+        net = torch.nn.parallel.DistributedDataParallel(model)
+    elif world > 1 and wrap == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model)
     opt = fasttricks.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, backend=backend)
     x, y = data()
     batches = Batches(x, y, 16, seed=0, shard=(rank, world))
@@ -35,8 +46,8 @@ def train(rank, world, init_file, out_dir, backend="cpu"):
     # BN statistics from each rank's shard, averaged across ranks.
     bn = torch.nn.BatchNorm1d(8)
     recalibrate_bn(torch.nn.Sequential(bn), [(xb, yb) for xb, yb in batches])
-    torch.save({"params": [p.detach() for p in model.parameters()], "pwalks": pwalks.averages,
-                "ema": ema.averages, "bn": (bn.running_mean, bn.running_var),
-                "shard_means": [xb.mean(0) for xb, _ in batches]}, f"{out_dir}/rank{rank}_of{world}.pt")
+    torch.save({"params": full(model.parameters()), "pwalks": full(pwalks.averages), "ema": full(ema.averages),
+                "bn": (bn.running_mean, bn.running_var), "shard_means": [xb.mean(0) for xb, _ in batches]},
+               f"{out_dir}/{wrap}_rank{rank}_of{world}.pt")
     if world > 1:
         dist.destroy_process_group()

@@ -21,8 +21,8 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 def test_two_rank_ddp_matches_one_process(tmp_path, backend):
     mp.spawn(ddp_worker.train, args=(2, str(tmp_path / "init"), str(tmp_path), backend), nprocs=2, join=True)
     ddp_worker.train(0, 1, None, str(tmp_path), backend)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}_of2.pt") for r in (0, 1))
-    single = torch.load(tmp_path / "rank0_of1.pt")
+    r0, r1 = (torch.load(tmp_path / f"ddp_rank{r}_of2.pt") for r in (0, 1))
+    single = torch.load(tmp_path / "ddp_rank0_of1.pt")
     for key in ("params", "pwalks", "ema", "bn"):
         for a, b in zip(r0[key], r1[key]):
             assert torch.equal(a, b), key  # the ranks agree bit for bit
@@ -31,6 +31,21 @@ def test_two_rank_ddp_matches_one_process(tmp_path, backend):
     # BN: the mean over ranks of each rank's cumulative mean of its shard batches
     per_rank = [torch.stack(r["shard_means"]).mean(0) for r in (r0, r1)]
     torch.testing.assert_close(r0["bn"][0], (per_rank[0] + per_rank[1]) / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp2_fully_shard_takes_the_reference_step(tmp_path):
+    """FSDP2 params are DTensors: backend="auto" steps them with the reference
+    (torch ops on DTensors), samplers included; a fused backend raises."""
+    pytest.importorskip("torch.distributed.fsdp").fully_shard
+    mp.spawn(ddp_worker.train, args=(2, str(tmp_path / "init"), str(tmp_path), "auto", "fsdp2"), nprocs=2,
+             join=True)
+    ddp_worker.train(0, 1, None, str(tmp_path), "reference", "fsdp2")
+    r0, r1 = (torch.load(tmp_path / f"fsdp2_rank{r}_of2.pt") for r in (0, 1))
+    single = torch.load(tmp_path / "fsdp2_rank0_of1.pt")
+    for key in ("params", "pwalks", "ema"):
+        for a, b in zip(r0[key], r1[key]):
+            assert torch.equal(a, b), key
+        torch.testing.assert_close(r0[key], single[key], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -46,3 +61,11 @@ def test_demo_runs_under_torchrun(tmp_path):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert [r["recipe"] for r in report["summary"]] == ["plain_sgd", "pwalks"]
     assert all(0 < r["final_acc_mean"] <= 100 for r in report["summary"])
+
+
+def test_fused_backends_refuse_dtensor_params():
+    from fasttricks.optim._fused import FusedOptimizerMixin
+
+    assert FusedOptimizerMixin._bucket_backend("auto", torch.device("cpu"), True) == "reference"
+    with pytest.raises(RuntimeError, match="does not take DTensor parameters"):
+        FusedOptimizerMixin._bucket_backend("cpu", torch.device("cpu"), True)

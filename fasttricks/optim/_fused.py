@@ -151,10 +151,10 @@ class FusedOptimizerMixin:
                 self._init_state(group, p, state)
             master = bool(group["master_weights"]) and p.dtype in _LOW_PRECISION
             self._normalise_state(p, state, master)
-            buckets.setdefault((p.device, p.dtype), []).append(p)
+            buckets.setdefault((p.device, p.dtype, _is_dtensor(p)), []).append(p)
         plans = []
-        for (device, _dtype), params in buckets.items():
-            backend = _backends.resolve(group["backend"], device)
+        for (device, _dtype, sharded), params in buckets.items():
+            backend = self._bucket_backend(group["backend"], device, sharded)
             master = bool(group["master_weights"]) and _dtype in _LOW_PRECISION
             plan = self._build_plan(backend, group, params, master)
             sampler = self.__dict__.get("_ft_sampler")
@@ -162,6 +162,18 @@ class FusedOptimizerMixin:
                 plan.set_averages(sampler._averages_for(params, master))
             plans.append(plan)
         return _GroupPlans(key, plans, stateless)
+
+    @staticmethod
+    def _bucket_backend(requested: str, device, sharded: bool) -> str:
+        """DTensor params (FSDP2's fully_shard, tensor parallel) have no storage
+        of their own for the fused kernels: they take the reference step, which
+        runs on DTensors with torch ops. An explicit fused backend raises."""
+        if not sharded:
+            return _backends.resolve(requested, device)
+        if requested not in ("auto", "reference"):
+            raise RuntimeError(f"fasttricks backend {requested!r} does not take DTensor parameters (FSDP2 / "
+                               "tensor parallel); use backend='auto' or 'reference'")
+        return "reference"
 
     def _normalise_state(self, p, state, master: bool) -> None:
         """State dtypes/devices as the kernels need them (after a checkpoint
@@ -221,6 +233,20 @@ class FusedOptimizerMixin:
                 fn = getattr(fn, "__wrapped__", fn) if getattr(fn, "hooked", False) else fn
                 return fn(self, closure)
         raise RuntimeError("no torch.optim step to fall back to")
+
+
+def _is_dtensor(t) -> bool:
+    global _DTensor
+    if _DTensor is None:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # torch built without distributed
+            DTensor = ()
+        _DTensor = DTensor
+    return bool(_DTensor) and isinstance(t, _DTensor)
+
+
+_DTensor = None
 
 
 def _run_with_hooks(self, func, args, kwargs):
