@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from fasttricks import _backends
+from fasttricks._checks import check_int
 from fasttricks.ops.mixup import mixup_blend
 
 __all__ = ["Mixup", "MixedTarget", "mixup", "smoothing_coefficients"]
@@ -130,8 +131,7 @@ class Mixup:
             raise ValueError(f"alpha and cutmix_alpha must be >= 0, got {alpha}, {cutmix_alpha}")
         if alpha == 0 and cutmix_alpha == 0:
             raise ValueError("Mixup needs alpha > 0 or cutmix_alpha > 0")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        check_int("num_classes", num_classes, 1)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if mode not in ("batch", "pair", "elem"):
@@ -213,7 +213,7 @@ class Mixup:
                 raise ValueError("CutMix needs image batches [B, C, H, W] (or [B, H, W])")
             lam = self._cutmix(x, lam, cut, partner)
         blend_lam = torch.where(cut, torch.ones_like(lam), lam).float()
-        if not cut.all() and bool((blend_lam < 1).any()):
+        if bool((blend_lam < 1).any()):
             if perm is None:
                 x = mixup_blend(x, blend_lam, None, inplace=True, backend=self.backend)
             else:
@@ -229,17 +229,14 @@ class Mixup:
         """Paste boxes from the partner rows (in place) and return the corrected lam."""
         h, w = x.shape[-2], x.shape[-1]
         lam = lam.clone()
-        source = x.clone() if (partner != torch.arange(x.shape[0] - 1, -1, -1)).any() or self.mode != "batch" \
-            else None
         if self.mode == "batch":
             y0, y1, x0, x1 = self._box(float(lam[0]), h, w)
-            if source is None:
-                x[..., y0:y1, x0:x1] = x.flip(0)[..., y0:y1, x0:x1]
-            else:
-                x[..., y0:y1, x0:x1] = source[partner.to(x.device)][..., y0:y1, x0:x1]
+            # Indexing the box by the partners copies it first: safe in place.
+            x[..., y0:y1, x0:x1] = x[..., y0:y1, x0:x1][partner.to(x.device)]
             if self.correct_lam:
                 lam[cut] = 1.0 - (y1 - y0) * (x1 - x0) / float(h * w)
         else:
+            source = x.clone()  # per-sample boxes: partners must be read before any row is pasted
             for i in torch.nonzero(cut).flatten().tolist():
                 y0, y1, x0, x1 = self._box(float(lam[i]), h, w)
                 x[i, ..., y0:y1, x0:x1] = source[int(partner[i]), ..., y0:y1, x0:x1]

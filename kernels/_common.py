@@ -28,6 +28,41 @@ def lerp_average(avg, w, coef):
     return tl.where(coef < 0.5, avg + coef * (w - avg), w - (w - avg) * (1.0 - coef))
 
 
+@triton.jit
+def load_weight_and_grad(ptrs_ptr, n_tensors, t, offs, mask, mul, weight_decay, decay,
+                         MASTER_ROW: tl.constexpr, PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
+                         MATH_DTYPE: tl.constexpr, MASTER: tl.constexpr, DECOUPLED: tl.constexpr):
+    """What both optimizer kernels load: w (the fp32 master when there is one)
+    and the scaled gradient g, with the weight decay applied (decoupled: w
+    shrinks by `decay`; coupled: g + wd * w). Rows 0 and 1 are param and grad."""
+    if MASTER:
+        w = tl.load(table_ptr(ptrs_ptr, n_tensors, t, MASTER_ROW, STATE_DTYPE) + offs, mask=mask,
+                    other=0.0).to(MATH_DTYPE)
+    else:
+        w = tl.load(table_ptr(ptrs_ptr, n_tensors, t, 0, PARAM_DTYPE) + offs, mask=mask, other=0.0).to(MATH_DTYPE)
+    g = tl.load(table_ptr(ptrs_ptr, n_tensors, t, 1, PARAM_DTYPE) + offs, mask=mask, other=0.0).to(MATH_DTYPE) * mul
+    if DECOUPLED:
+        w = w * decay
+    else:
+        g = tl.where(weight_decay != 0.0, g + weight_decay * w, g)
+    return w, g
+
+
+@triton.jit
+def store_weights(ptrs_ptr, n_tensors, t, offs, mask, w, avg_coef, MASTER_ROW: tl.constexpr,
+                  AVG_ROW: tl.constexpr, PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
+                  MATH_DTYPE: tl.constexpr, MASTER: tl.constexpr, AVERAGE: tl.constexpr):
+    """What both write back: the fp32 master, the param (the master rounded)
+    and the running average updated in the same pass."""
+    if MASTER:
+        tl.store(table_ptr(ptrs_ptr, n_tensors, t, MASTER_ROW, STATE_DTYPE) + offs, w.to(STATE_DTYPE), mask=mask)
+    tl.store(table_ptr(ptrs_ptr, n_tensors, t, 0, PARAM_DTYPE) + offs, w.to(PARAM_DTYPE), mask=mask)
+    if AVERAGE:
+        avg_ptr = table_ptr(ptrs_ptr, n_tensors, t, AVG_ROW, STATE_DTYPE)
+        a = tl.load(avg_ptr + offs, mask=mask, other=0.0).to(MATH_DTYPE)
+        tl.store(avg_ptr + offs, lerp_average(a, w, avg_coef).to(STATE_DTYPE), mask=mask)
+
+
 
 
 @triton.jit

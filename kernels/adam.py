@@ -10,9 +10,10 @@ import triton
 import triton.language as tl
 
 from fasttricks.kernels import TL_DTYPES
-from fasttricks.kernels._common import BLOCK, chunk_prologue, div_ieee, dummy, lerp_average, sqrt_ieee, table_ptr
+from fasttricks.kernels._common import (BLOCK, chunk_prologue, div_ieee, dummy, load_weight_and_grad, sqrt_ieee,
+                                        store_weights, table_ptr)
 from fasttricks.ops._device import CHUNK, scalar_arg
-from fasttricks.ops.adam import ROWS, DeviceAdamPlan
+from fasttricks.ops.adam import DeviceAdamPlan
 
 
 
@@ -27,8 +28,6 @@ def adam_kernel(ptrs_ptr, numels_ptr, chunk_tensor_ptr, chunk_start_ptr, n_tenso
     t, start, numel, lr, mul = chunk_prologue(chunk_tensor_ptr, chunk_start_ptr, numels_ptr, lr, lr_ptr, grad_mul,
                                               grad_scale_ptr, found_inf_ptr, MATH_DTYPE, LR_IS_TENSOR,
                                               HAS_GRAD_SCALE, HAS_FOUND_INF)
-    param_ptr = table_ptr(ptrs_ptr, n_tensors, t, 0, PARAM_DTYPE)
-    grad_ptr = table_ptr(ptrs_ptr, n_tensors, t, 1, PARAM_DTYPE)
     m_ptr = table_ptr(ptrs_ptr, n_tensors, t, 2, STATE_DTYPE)
     v_ptr = table_ptr(ptrs_ptr, n_tensors, t, 3, STATE_DTYPE)
     step_ptr = table_ptr(ptrs_ptr, n_tensors, t, 7, tl.float32)
@@ -50,18 +49,10 @@ def adam_kernel(ptrs_ptr, numels_ptr, chunk_tensor_ptr, chunk_start_ptr, n_tenso
     for off in tl.range(0, CHUNK, BLOCK):
         offs = start + off + tl.arange(0, BLOCK)
         mask = offs < numel
-        if MASTER:
-            master_ptr = table_ptr(ptrs_ptr, n_tensors, t, 5, STATE_DTYPE)
-            w = tl.load(master_ptr + offs, mask=mask, other=0.0).to(MATH_DTYPE)
-        else:
-            w = tl.load(param_ptr + offs, mask=mask, other=0.0).to(MATH_DTYPE)
-        g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(MATH_DTYPE) * mul
+        w, g = load_weight_and_grad(ptrs_ptr, n_tensors, t, offs, mask, mul, weight_decay, decay, 5, PARAM_DTYPE,
+                                    STATE_DTYPE, MATH_DTYPE, MASTER, DECOUPLED)
         m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(MATH_DTYPE)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(MATH_DTYPE)
-        if DECOUPLED:
-            w = w * decay
-        else:
-            g = tl.where(weight_decay != 0.0, g + weight_decay * w, g)
         m = b1 * m + (1.0 - b1) * g
         v = b2 * v + (1.0 - b2) * (g * g)
         second = v
@@ -74,13 +65,8 @@ def adam_kernel(ptrs_ptr, numels_ptr, chunk_tensor_ptr, chunk_start_ptr, n_tenso
         w = w - step_size * div_ieee(m, denom, MATH_DTYPE)
         tl.store(m_ptr + offs, m.to(STATE_DTYPE), mask=mask)
         tl.store(v_ptr + offs, v.to(STATE_DTYPE), mask=mask)
-        if MASTER:
-            tl.store(master_ptr + offs, w.to(STATE_DTYPE), mask=mask)
-        tl.store(param_ptr + offs, w.to(PARAM_DTYPE), mask=mask)
-        if AVERAGE:
-            avg_ptr = table_ptr(ptrs_ptr, n_tensors, t, 6, STATE_DTYPE)
-            a = tl.load(avg_ptr + offs, mask=mask, other=0.0).to(MATH_DTYPE)
-            tl.store(avg_ptr + offs, lerp_average(a, w, avg_coef).to(STATE_DTYPE), mask=mask)
+        store_weights(ptrs_ptr, n_tensors, t, offs, mask, w, avg_coef, 5, 6, PARAM_DTYPE, STATE_DTYPE, MATH_DTYPE,
+                      MASTER, AVERAGE)
 
 
 def launch_adam(tables, *, param_dtype, state_dtype, lr, beta1, beta2, eps, weight_decay, grad_mul,

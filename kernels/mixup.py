@@ -9,8 +9,8 @@ import triton
 import triton.language as tl
 
 from fasttricks.kernels import TL_DTYPES
+from fasttricks.kernels._common import BLOCK
 
-BLOCK = 1024
 CHUNK = 8192
 SUPPORTED = (torch.float32, torch.bfloat16, torch.float16, torch.uint8)
 
@@ -47,20 +47,17 @@ def mixup_kernel(x_ptr, out_ptr, lam_ptr, perm_ptr, n_rows, row_elems,
 
 
 def launch_mixup(x: torch.Tensor, out: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor | None) -> None:
-    """x, out: contiguous [B, D]; lam: float32 [B] on x's device; perm: int64 [B] or None (flip)."""
+    """x, out: contiguous [B, D]; lam: float32 [B] on x's device; perm: int64 [B] or None (flip).
+    The middle row of an odd flip batch is not written (the dispatcher copies it)."""
     rows, row_elems = x.shape
     flip = perm is None
     programs = rows // 2 if flip else rows
     if programs == 0 or row_elems == 0:
-        if flip and rows % 2 == 1 and out.data_ptr() != x.data_ptr():
-            out[rows // 2].copy_(x[rows // 2])
         return
     grid = (programs, triton.cdiv(row_elems, CHUNK))
     mixup_kernel[grid](x, out, lam, perm if perm is not None else lam, rows, row_elems,
                        DTYPE=TL_DTYPES[x.dtype], FLIP=flip, IS_UINT8=x.dtype == torch.uint8, CHUNK=CHUNK,
                        BLOCK=BLOCK)
-    if flip and rows % 2 == 1 and out.data_ptr() != x.data_ptr():
-        out[rows // 2].copy_(x[rows // 2])
 
 
 def aot_variants():

@@ -5,9 +5,9 @@ import triton
 import triton.language as tl
 
 from fasttricks.kernels import TL_DTYPES
-from fasttricks.kernels._common import BLOCK, chunk_prologue, dummy, lerp_average, table_ptr
+from fasttricks.kernels._common import BLOCK, chunk_prologue, dummy, load_weight_and_grad, store_weights, table_ptr
 from fasttricks.ops._device import CHUNK, scalar_arg
-from fasttricks.ops.sgd import ROWS, DeviceSgdPlan
+from fasttricks.ops.sgd import DeviceSgdPlan
 
 
 
@@ -23,24 +23,14 @@ def sgd_kernel(ptrs_ptr, numels_ptr, chunk_tensor_ptr, chunk_start_ptr, n_tensor
     t, start, numel, lr, mul = chunk_prologue(chunk_tensor_ptr, chunk_start_ptr, numels_ptr, lr, lr_ptr, grad_mul,
                                               grad_scale_ptr, found_inf_ptr, MATH_DTYPE, LR_IS_TENSOR,
                                               HAS_GRAD_SCALE, HAS_FOUND_INF)
-    param_ptr = table_ptr(ptrs_ptr, n_tensors, t, 0, PARAM_DTYPE)
-    grad_ptr = table_ptr(ptrs_ptr, n_tensors, t, 1, PARAM_DTYPE)
     decay = 1.0 - lr * weight_decay
     first = tl.load(ptrs_ptr + 5 * n_tensors + t) != 0
 
     for off in tl.range(0, CHUNK, BLOCK):
         offs = start + off + tl.arange(0, BLOCK)
         mask = offs < numel
-        if MASTER:
-            master_ptr = table_ptr(ptrs_ptr, n_tensors, t, 3, STATE_DTYPE)
-            w = tl.load(master_ptr + offs, mask=mask, other=0.0).to(MATH_DTYPE)
-        else:
-            w = tl.load(param_ptr + offs, mask=mask, other=0.0).to(MATH_DTYPE)
-        g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(MATH_DTYPE) * mul
-        if DECOUPLED:
-            w = w * decay
-        else:
-            g = tl.where(weight_decay != 0.0, g + weight_decay * w, g)
+        w, g = load_weight_and_grad(ptrs_ptr, n_tensors, t, offs, mask, mul, weight_decay, decay, 3, PARAM_DTYPE,
+                                    STATE_DTYPE, MATH_DTYPE, MASTER, DECOUPLED)
         if MOMENTUM:
             buf_ptr = table_ptr(ptrs_ptr, n_tensors, t, 2, STATE_DTYPE)
             buf = tl.load(buf_ptr + offs, mask=mask & (not first), other=0.0).to(MATH_DTYPE)
@@ -51,13 +41,8 @@ def sgd_kernel(ptrs_ptr, numels_ptr, chunk_tensor_ptr, chunk_start_ptr, n_tensor
             else:
                 g = buf
         w = w - lr * g
-        if MASTER:
-            tl.store(master_ptr + offs, w.to(STATE_DTYPE), mask=mask)
-        tl.store(param_ptr + offs, w.to(PARAM_DTYPE), mask=mask)
-        if AVERAGE:
-            avg_ptr = table_ptr(ptrs_ptr, n_tensors, t, 4, STATE_DTYPE)
-            a = tl.load(avg_ptr + offs, mask=mask, other=0.0).to(MATH_DTYPE)
-            tl.store(avg_ptr + offs, lerp_average(a, w, avg_coef).to(STATE_DTYPE), mask=mask)
+        store_weights(ptrs_ptr, n_tensors, t, offs, mask, w, avg_coef, 3, 4, PARAM_DTYPE, STATE_DTYPE, MATH_DTYPE,
+                      MASTER, AVERAGE)
 
 
 def launch_sgd(tables, *, param_dtype, state_dtype, lr, weight_decay, momentum, dampening, grad_mul,

@@ -71,16 +71,14 @@ void blend_rows(const S* x, S* out, int64_t rows, int64_t row_elems, const float
       }
     }
   });
-  if (!perm && rows % 2 == 1 && out != x) {  // the middle row of an odd flip batch pairs with itself
-    const int64_t m = rows / 2;
-    std::copy(x + m * row_elems, x + (m + 1) * row_elems, out + m * row_elems);
-  }
 }
 
 }  // namespace
 
 // x, out: [B, D] row-major views (out may be x for flip pairing); lam: float32 [B];
-// perm: int64 [B] or undefined for flip pairing.
+// perm: int64 [B] or undefined for flip pairing. The middle row of an odd flip
+// batch pairs with itself and is not written: the dispatcher
+// (fasttricks/ops/mixup.py) copies it when out is not x.
 void mixup_blend_rows(const at::Tensor& x, const at::Tensor& out, const at::Tensor& lam,
                       const std::optional<at::Tensor>& perm) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && out.is_contiguous() && x.sizes() == out.sizes(),

@@ -26,7 +26,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   m.def("mixup_blend_rows", &ftc::mixup_blend_rows, py::arg("x"), py::arg("out"), py::arg("lam"),
         py::arg("perm") = py::none(),
-        "Mixup blend of [B, D] rows: flip pairing (perm=None, may be in place) or a permutation");
+        "Mixup blend of [B, D] rows: flip pairing (perm=None, may be in place; an odd middle row is not written) "
+        "or a permutation");
 
   py::class_<ftc::AdamPlan>(m, "AdamPlan", py::dynamic_attr())
       .def(py::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,

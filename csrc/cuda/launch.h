@@ -49,7 +49,8 @@ cudaError_t launch_adam(const Tables& tables, const AdamArgs& args, cudaStream_t
 cudaError_t launch_sgd(const Tables& tables, const SgdArgs& args, cudaStream_t stream);
 
 // Mixup blend of [rows, row_elems] (mixup_kernels.cu): perm == nullptr is flip
-// pairing (out may equal x), otherwise out[i] blends x[i] with x[perm[i]].
+// pairing (out may equal x; the middle row of an odd batch is not written),
+// otherwise out[i] blends x[i] with x[perm[i]].
 cudaError_t launch_mixup(const void* x, void* out, const float* lam, const int64_t* perm, int64_t rows,
                          int64_t row_elems, DType dtype, cudaStream_t stream);
 

@@ -1,11 +1,10 @@
 // Multi-tensor Adam/AdamW and SGD/SGDW kernels: one block per chunk of one
 // tensor, the math from csrc/include/fasttricks/{adam,sgd}_math.h.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <type_traits>
 
+#include "convert.cuh"
 #include "launch.h"
 
 namespace fasttricks {
@@ -22,39 +21,54 @@ namespace fasttricks {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
-
-template <typename T> struct Math { using type = float; };
-template <> struct Math<double> { using type = double; };
-
-template <typename O> __device__ __forceinline__ O to_math(float x) { return O(x); }
-template <typename O> __device__ __forceinline__ O to_math(double x) { return O(x); }
-template <typename O> __device__ __forceinline__ O to_math(__nv_bfloat16 x) { return O(__bfloat162float(x)); }
-template <typename O> __device__ __forceinline__ O to_math(__half x) { return O(__half2float(x)); }
-
-template <typename T, typename O> __device__ __forceinline__ T from_math(O x) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(float(x));
-  else if constexpr (std::is_same_v<T, __half>) return __float2half_rn(float(x));
-  else return T(x);
-}
-
 template <typename T>
 __device__ __forceinline__ T* row(const Tables& tb, int row_index, int64_t t) {
   return reinterpret_cast<T*>(tb.ptrs[row_index * tb.n_tensors + t]);
 }
 
-template <typename O>
-__device__ __forceinline__ void lerp_average(O& avg, O w, float coef) { average_update(avg, w, O(coef)); }
+// What both optimizer kernels start with: this block's tensor and element
+// range, the lr (a tensor lr is read on the device) and the gradient multiplier
+// with 1 / grad_scale folded in. False when found_inf is set: the block then
+// writes nothing (NOTE [found_inf contract]).
+struct ChunkStep {
+  int64_t t, start, end;
+  double lr, grad_mul;
+};
+
+template <typename Args>
+__device__ __forceinline__ bool chunk_prologue(const Tables& tb, const Args& a, ChunkStep& c) {
+  if (a.found_inf != nullptr && *a.found_inf != 0.f) return false;
+  c.t = tb.chunk_tensor[blockIdx.x];
+  c.start = tb.chunk_start[blockIdx.x];
+  c.end = min(tb.numels[c.t], c.start + kChunk);
+  c.lr = a.lr_ptr != nullptr ? double(*a.lr_ptr) : double(a.lr);
+  c.grad_mul = a.grad_mul;
+  if (a.grad_scale != nullptr) c.grad_mul /= double(*a.grad_scale);
+  return true;
+}
+
+// What both write back per element: the fp32 master, the param (the master
+// rounded), and the running average (NOTE [weight averaging lerp]).
+template <bool MASTER, bool AVERAGE, typename P, typename S, typename O>
+__device__ __forceinline__ void store_weights(P* param, S* master, S* avg, int64_t i, O w, float avg_coef) {
+  if (MASTER) master[i] = from_math<S>(w);
+  param[i] = from_math<P>(w);
+  if (AVERAGE) {
+    O av = to_math<O>(avg[i]);
+    average_update(av, w, O(avg_coef));
+    avg[i] = from_math<S>(av);
+  }
+}
 
 // Rows: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, avg, step.
 template <typename P, typename S, bool AMSGRAD, bool DECOUPLED, bool AVERAGE>
 __global__ void __launch_bounds__(kThreads) adam_kernel(Tables tb, AdamArgs a) {
   using O = typename Math<S>::type;
   constexpr bool MASTER = !std::is_same_v<P, S>;
-  const int64_t t = tb.chunk_tensor[blockIdx.x];
-  const int64_t start = tb.chunk_start[blockIdx.x];
-  const int64_t end = min(tb.numels[t], start + kChunk);
-  if (a.found_inf != nullptr && *a.found_inf != 0.f) return;  // NOTE [found_inf contract]
+  ChunkStep ch;
+  if (!chunk_prologue(tb, a, ch)) return;
+  const int64_t t = ch.t;
+  const double lr = ch.lr;
 
   P* param = row<P>(tb, 0, t);
   const P* grad = row<const P>(tb, 1, t);
@@ -64,9 +78,6 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(Tables tb, AdamArgs a) {
   S* master = row<S>(tb, 5, t);
   S* avg = row<S>(tb, 6, t);
   const double step = *row<const float>(tb, 7, t);
-  const double lr = a.lr_ptr != nullptr ? double(*a.lr_ptr) : double(a.lr);
-  double mul = a.grad_mul;
-  if (a.grad_scale != nullptr) mul /= double(*a.grad_scale);
   // Coefficients in double: 1 - beta2^t cancels badly in float.
   const double b1 = 1.0 - a.one_minus_beta1, b2 = 1.0 - a.one_minus_beta2;
   AdamCoefs<O> c;
@@ -79,9 +90,9 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(Tables tb, AdamArgs a) {
   c.decay_factor = DECOUPLED ? O(1.0 - lr * a.weight_decay) : O(1);
   c.step_size = O(lr / (1.0 - pow(b1, step)));
   c.inv_bias_correction2_sqrt = O(1.0 / sqrt(1.0 - pow(b2, step)));
-  c.grad_mul = O(mul);
+  c.grad_mul = O(ch.grad_mul);
 
-  for (int64_t i = start + threadIdx.x; i < end; i += kThreads) {
+  for (int64_t i = ch.start + threadIdx.x; i < ch.end; i += kThreads) {
     O w = MASTER ? to_math<O>(master[i]) : to_math<O>(param[i]);
     O m = to_math<O>(m_ptr[i]), v = to_math<O>(v_ptr[i]);
     O vmax = AMSGRAD ? to_math<O>(vmax_ptr[i]) : O(0);
@@ -89,13 +100,7 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(Tables tb, AdamArgs a) {
     m_ptr[i] = from_math<S>(m);
     v_ptr[i] = from_math<S>(v);
     if (AMSGRAD) vmax_ptr[i] = from_math<S>(vmax);
-    if (MASTER) master[i] = from_math<S>(w);
-    param[i] = from_math<P>(w);
-    if (AVERAGE) {
-      O av = to_math<O>(avg[i]);
-      lerp_average(av, w, a.avg_coef);
-      avg[i] = from_math<S>(av);
-    }
+    store_weights<MASTER, AVERAGE>(param, master, avg, i, w, a.avg_coef);
   }
 }
 
@@ -104,10 +109,9 @@ template <typename P, typename S, bool MOMENTUM, bool NESTEROV, bool DECOUPLED, 
 __global__ void __launch_bounds__(kThreads) sgd_kernel(Tables tb, SgdArgs a) {
   using O = typename Math<S>::type;
   constexpr bool MASTER = !std::is_same_v<P, S>;
-  const int64_t t = tb.chunk_tensor[blockIdx.x];
-  const int64_t start = tb.chunk_start[blockIdx.x];
-  const int64_t end = min(tb.numels[t], start + kChunk);
-  if (a.found_inf != nullptr && *a.found_inf != 0.f) return;
+  ChunkStep ch;
+  if (!chunk_prologue(tb, a, ch)) return;
+  const int64_t t = ch.t;
 
   P* param = row<P>(tb, 0, t);
   const P* grad = row<const P>(tb, 1, t);
@@ -115,23 +119,14 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(Tables tb, SgdArgs a) {
   S* master = row<S>(tb, 3, t);
   S* avg = row<S>(tb, 4, t);
   const bool first = tb.ptrs[5 * tb.n_tensors + t] != 0;
-  const double lr = a.lr_ptr != nullptr ? double(*a.lr_ptr) : double(a.lr);
-  double mul = a.grad_mul;
-  if (a.grad_scale != nullptr) mul /= double(*a.grad_scale);
-  const SgdCoefs<O> c = make_sgd_coefs<O>(O(lr), O(a.weight_decay), DECOUPLED, O(a.momentum),
-                                          O(a.dampening), O(mul));
-  for (int64_t i = start + threadIdx.x; i < end; i += kThreads) {
+  const SgdCoefs<O> c = make_sgd_coefs<O>(O(ch.lr), O(a.weight_decay), DECOUPLED, O(a.momentum),
+                                          O(a.dampening), O(ch.grad_mul));
+  for (int64_t i = ch.start + threadIdx.x; i < ch.end; i += kThreads) {
     O w = MASTER ? to_math<O>(master[i]) : to_math<O>(param[i]);
     O buf = (MOMENTUM && !first) ? to_math<O>(buf_ptr[i]) : O(0);
     sgd_update<MOMENTUM, NESTEROV, DECOUPLED>(w, to_math<O>(grad[i]), buf, first, c);
     if (MOMENTUM) buf_ptr[i] = from_math<S>(buf);
-    if (MASTER) master[i] = from_math<S>(w);
-    param[i] = from_math<P>(w);
-    if (AVERAGE) {
-      O av = to_math<O>(avg[i]);
-      lerp_average(av, w, a.avg_coef);
-      avg[i] = from_math<S>(av);
-    }
+    store_weights<MASTER, AVERAGE>(param, master, avg, i, w, a.avg_coef);
   }
 }
 

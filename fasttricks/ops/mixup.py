@@ -76,19 +76,16 @@ def mixup_blend(x: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor | None = 
         raise ValueError("mixup: an arbitrary permutation cannot run in place (use flip pairing)")
     name = _backends.resolve(backend, x.device)
     if name == "triton" and x.dtype == torch.float64:
-        name = "reference" if backend == "auto" else name
-        if name == "triton":
+        if backend != "auto":
             raise TypeError("mixup: the triton backend serves float32, bfloat16, float16 and uint8")
+        name = "reference"
     if name == "reference":
         out = mixup_blend_reference(x, lam, perm)
         return x.copy_(out) if inplace else out
     lam32 = lam.to(device=x.device, dtype=torch.float32).contiguous()
     perm = perm.to(x.device).contiguous() if perm is not None else None
     src = x if _rows(x) is not None else x.contiguous()
-    if inplace and src is x:
-        out = x
-    else:
-        out = torch.empty_like(src) if not inplace else src
+    out = src if inplace else torch.empty_like(src)
     x_rows, out_rows = _rows(src), _rows(out)
     if name == "cpu":
         _backends.cpu_ext().mixup_blend_rows(x_rows, out_rows, lam32, perm)
@@ -98,6 +95,9 @@ def mixup_blend(x: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor | None = 
         launch_mixup(x_rows, out_rows, lam32, perm)
     elif name == "cuda":
         _backends.cuda_ext().mixup_blend_rows(x_rows, out_rows, lam32, perm)
+    B = x.shape[0]
+    if perm is None and B % 2 == 1 and out is not src:  # the kernels leave the self-paired middle row
+        out[B // 2].copy_(src[B // 2])
     if inplace and out is not x:
         x.copy_(out)
         return x
