@@ -28,7 +28,7 @@ from _timing import ceiling_gbps, compare, print_table, sync, write_rows  # noqa
 from bench_optim import SHAPE_SETS, make  # noqa: E402
 
 import fasttricks.optim as fo  # noqa: E402
-from fasttricks.sampling import EMA, PSWA, PWALKS, recalibrate_bn  # noqa: E402
+from fasttricks.sampling import EMA, PSWA, PWALKS  # noqa: E402
 
 ADAM = dict(lr=1e-3, weight_decay=1e-2)
 DECAY = 0.999

@@ -29,7 +29,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -155,10 +155,8 @@ def train_recipe(recipe: str, seed: int, data, cfg: DemoConfig) -> dict:
             sched.step()
             total += float(loss.detach()) * len(yb)
             count += len(yb)
-        if sampler is not None and recipe != "ema" and recipe != "swa":
+        if sampler is not None:  # BN is recalibrated only by the methods that reassign
             sampler.end_epoch(model=model, bn_loader=bn_loader, bn_fraction=cfg.bn_fraction)
-        elif sampler is not None:
-            sampler.end_epoch()
         epoch_times.append(time.perf_counter() - t0)
         train_losses.append(total / max(1, count))
         if recipe == "ema":

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fasttricks._checks import check_int
+
 __all__ = ["lr_find", "LRFinderResult"]
 
 
@@ -92,8 +94,7 @@ def lr_find(model: torch.nn.Module, loader, loss_fn, optimizer: torch.optim.Opti
     """
     if not 0 < start_lr < end_lr:
         raise ValueError(f"lr_find needs 0 < start_lr < end_lr, got {start_lr}, {end_lr}")
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
-        raise ValueError(f"num_steps must be an int >= 2, got {num_steps!r}")
+    check_int("num_steps", num_steps, 2)
     if mode not in ("exp", "linear"):
         raise ValueError(f"mode must be 'exp' or 'linear', got {mode!r}")
     if not 0 < smooth <= 1:

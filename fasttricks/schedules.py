@@ -18,14 +18,10 @@ import math
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
+from fasttricks._checks import check_int as _check_int
+
 __all__ = ["Warmup", "StepDecay", "CosineDecay", "PolyDecay", "SGDR", "CyclicLR", "OneCycle",
            "warmup_cosine", "linear_scaling_lr"]
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def _check_positive(name: str, value) -> float:

@@ -7,6 +7,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from fasttricks._checks import check_int
+
 __all__ = ["RandomGradient", "param_groups", "zero_gamma_", "fixup_init_", "ShakeShake", "ShakeShakeBlock"]
 
 _NORMS = (_NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
@@ -36,8 +38,7 @@ class RandomGradient:
             raise ValueError(f"RandomGradient needs 0 <= low <= high, got low={low}, high={high}")
         if mode not in ("uniform", "cyclic"):
             raise ValueError(f"mode must be 'uniform' or 'cyclic', got {mode!r}")
-        if isinstance(step_size, bool) or not isinstance(step_size, int) or step_size < 1:
-            raise ValueError(f"step_size must be a positive int, got {step_size!r}")
+        check_int("step_size", step_size, 1)
         self.low, self.high, self.mode, self.step_size = low, high, mode, step_size
         self.generator = torch.Generator()
         self.generator.manual_seed(seed if seed is not None else int(torch.initial_seed()) % (2**63))

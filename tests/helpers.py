@@ -1,5 +1,4 @@
 """Helpers shared by the tests (tests/ is on pytest's pythonpath)."""
-import os
 
 import torch
 

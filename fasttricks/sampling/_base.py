@@ -29,16 +29,12 @@ import math
 
 import torch
 
+from fasttricks._checks import check_int
+from fasttricks.ops._plan import found_inf_set
 from fasttricks.ops.average import average_reference_
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _STATE_KEY = "fasttricks_samplers"
-
-
-def _check_steps_per_epoch(steps_per_epoch) -> int:
-    if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
-        raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}")
-    return steps_per_epoch
 
 
 def _check_fraction(name: str, value, *, low_open: bool = True) -> float:
@@ -61,7 +57,7 @@ class WeightSampler:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"{type(self).__name__} needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.optimizer = optimizer
-        self.steps_per_epoch = None if steps_per_epoch is None else _check_steps_per_epoch(steps_per_epoch)
+        self.steps_per_epoch = None if steps_per_epoch is None else check_int("steps_per_epoch", steps_per_epoch, 1)
         self.params: list[torch.Tensor] = [p for g in optimizer.param_groups for p in g["params"]]
         if not self.params:
             raise ValueError(f"{type(self).__name__}: the optimizer has no parameters")
@@ -135,9 +131,13 @@ class WeightSampler:
             raise RuntimeError(f"{type(self).__name__}: coefficient {coef} outside [0, 1]")
         return coef
 
-    def _end_step(self, coef: float, found_inf) -> None:
-        if coef != 0.0 and not (found_inf is not None and bool(found_inf.item() != 0)):
+    def _end_step(self, coef: float, found_inf) -> bool:
+        """Count the step's sample unless found_inf skipped it (read only on
+        sampling steps); returns whether a sample was taken."""
+        sampled = coef != 0.0 and not found_inf_set(found_inf)
+        if sampled:
             self._count_sample()
+        return sampled
 
     def _count_sample(self) -> None:
         self.samples += 1
@@ -147,10 +147,8 @@ class WeightSampler:
     def _sample_after_step(self) -> None:
         """Post-hook path: count the step and lerp toward the updated weights."""
         coef = self._begin_step()
-        found_inf = getattr(self.optimizer, "found_inf", None)
-        if coef != 0.0 and not (found_inf is not None and bool(found_inf.item() != 0)):
+        if self._end_step(coef, getattr(self.optimizer, "found_inf", None)):
             self._lerp_now(coef, only_with_grad=True)
-        self._end_step(coef, found_inf)
 
     def _lerp_now(self, coef: float, only_with_grad: bool) -> None:
         # Like the fused kernels, the post-hook skips params the step skipped.
@@ -172,14 +170,13 @@ class WeightSampler:
     def _averages_for(self, params, master: bool) -> list[torch.Tensor]:
         """The averages of one fused plan bucket, in the state dtype of that bucket."""
         out = []
-        want_master = torch.float32
         for p in params:
             i = self._index.get(id(p))
             if i is None:  # a param group added after the sampler was created
                 self._add_param(p, master)
                 i = self._index[id(p)]
             avg = self.averages[i]
-            want = want_master if master else p.dtype
+            want = torch.float32 if master else p.dtype
             if avg.dtype != want or avg.device != p.device:
                 avg = self.averages[i] = avg.to(device=p.device, dtype=want)
             out.append(avg)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from fasttricks._checks import check_int
 from fasttricks.sampling._base import WeightSampler, _check_fraction, stride_schedule
 
 __all__ = ["PSWA", "PWALKS", "PSWM", "SWA", "EMA", "BachEpoch", "BachBatch"]
@@ -132,9 +133,7 @@ class SWA(_Configured):
 
     def __init__(self, optimizer, steps_per_epoch: int, start_epoch: int = 0, *, every_step: bool = False,
                  reassign_every_epoch: bool = False, fused=None):
-        if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0:
-            raise ValueError(f"start_epoch must be a non-negative int, got {start_epoch!r}")
-        self.start_epoch = start_epoch
+        self.start_epoch = check_int("start_epoch", start_epoch, 0)
         self.every_step = bool(every_step)
         self.reassign_every_epoch = bool(reassign_every_epoch)
         self._ONCE_PER_EPOCH = not self.every_step
@@ -208,8 +207,7 @@ class EMA(_Configured):
         decay = float(decay)
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive int, got {every!r}")
+        check_int("every", every, 1)
         self.decay, self.every, self.warmup = decay, every, bool(warmup)
         super().__init__(optimizer, steps_per_epoch, fused=fused)
 
