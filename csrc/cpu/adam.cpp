@@ -10,17 +10,17 @@ namespace fasttricks {
 namespace cpu {
 namespace {
 
-template <typename P, typename S>
+template <typename P, typename S, typename O>
 struct AdamPtrs {
   P* param;
   const P* grad;
   S *master, *exp_avg, *exp_avg_sq, *max_exp_avg_sq, *avg;
+  const AdamCoefs<O>* coefs;
 };
 
 template <typename P, typename S, bool AMSGRAD, bool DECOUPLED, bool AVERAGE>
-void adam_kernel(const std::vector<AdamPtrs<P, S>>& ptrs, const std::vector<int64_t>& numels,
-                 const std::vector<AdamCoefs<typename OpMath<S>::type>>& coefs,
-                 typename OpMath<S>::type avg_coef) {
+void adam_kernel(const std::vector<AdamPtrs<P, S, typename OpMath<S>::type>>& ptrs,
+                 const std::vector<int64_t>& numels, typename OpMath<S>::type avg_coef) {
   using PIO = VecIO<P>;
   using SIO = VecIO<S>;
   using OVec = typename SIO::OVec;
@@ -30,10 +30,17 @@ void adam_kernel(const std::vector<AdamPtrs<P, S>>& ptrs, const std::vector<int6
 
   run_chunks(numels, [&](const Chunk& ch) {
     const auto& t = ptrs[ch.tensor];
-    const auto& c = coefs[ch.tensor];
+    const auto& c = *t.coefs;
     for (int64_t i = ch.begin; i < ch.end; i += kUnit) {
       const int64_t n = std::min(kUnit, ch.end - i);
       OVec w0, w1, g0, g1, m0, m1, v0, v1, x0, x1;
+      if constexpr (MASTER) SIO::prefetch(t.master + i);
+      else PIO::prefetch(t.param + i);
+      PIO::prefetch(t.grad + i);
+      SIO::prefetch(t.exp_avg + i);
+      SIO::prefetch(t.exp_avg_sq + i);
+      if constexpr (AMSGRAD) SIO::prefetch(t.max_exp_avg_sq + i);
+      if constexpr (AVERAGE) SIO::prefetch(t.avg + i);
       if constexpr (MASTER) SIO::load(t.master + i, n, w0, w1);
       else PIO::load(t.param + i, n, w0, w1);
       PIO::load(t.grad + i, n, g0, g1);
@@ -77,6 +84,7 @@ AdamPlan::AdamPlan(std::vector<at::Tensor> params, std::vector<at::Tensor> steps
                                            std::move(max_exp_avg_sqs), std::move(masters)}),
       steps_(std::move(steps)), amsgrad_(amsgrad), decoupled_(decoupled) {
   TORCH_CHECK(steps_.size() == params_.size(), "Adam plan: one step tensor per parameter");
+  for (const auto& s : steps_) counters_.emplace_back(s);
   TORCH_CHECK(!amsgrad_ || slots_[kMaxExpAvgSq].size() == params_.size(),
               "Adam plan: amsgrad needs max_exp_avg_sq for every parameter");
 }
@@ -84,54 +92,54 @@ AdamPlan::AdamPlan(std::vector<at::Tensor> params, std::vector<at::Tensor> steps
 int64_t AdamPlan::step(double lr, double beta1, double beta2, double eps, double weight_decay,
                        bool maximize, double grad_mul, const std::optional<at::Tensor>& grad_scale,
                        const std::optional<at::Tensor>& found_inf, double avg_coef) {
-  std::vector<std::pair<at::Tensor, at::Tensor>> writeback;
-  auto gathered = gather(writeback);  // validates everything before anything is written
+  Scratch scratch;
+  const auto gathered = gather(scratch);  // validates everything before anything is written
   if (found_inf_set(found_inf)) return -1;
   const double mul = grad_mul * inv_grad_scale(grad_scale) * (maximize ? -1.0 : 1.0);
   const bool average = has_averages() && avg_coef != 0.0;
 
+  // Params usually share a step count: one set of coefficients per distinct
+  // count, and each param points at its set.
   std::vector<AdamCoefs<double>> coefs;
-  std::vector<int64_t> numels;
-  coefs.reserve(gathered.size());
-  numels.reserve(gathered.size());
+  std::vector<int32_t> coef_of(gathered.size());
+  std::vector<int64_t> numels(gathered.size());
   double last_t = -1.0;
-  for (const auto& g : gathered) {
-    const double t = bump_step(steps_[g.index]);
-    if (t != last_t) {  // params usually share a step count: compute the powers once
+  for (size_t k = 0; k < gathered.size(); ++k) {
+    const double t = counters_[gathered[k].index].bump();
+    if (t != last_t) {
       coefs.push_back(make_adam_coefs<double>(
           lr, beta1, beta2, eps, weight_decay, decoupled_, t, mul,
           [](double a, double b) { return std::pow(a, b); }, [](double a) { return std::sqrt(a); }));
       last_t = t;
-    } else {
-      coefs.push_back(coefs.back());
     }
-    numels.push_back(g.param.numel());
+    coef_of[k] = static_cast<int32_t>(coefs.size() - 1);
+    numels[k] = gathered[k].numel;
   }
 
   dispatch_dtypes(param_dtype(), state_dtype(), "Adam", [&](auto ptag, auto stag) {
     using P = typename decltype(ptag)::type;
     using S = typename decltype(stag)::type;
     using O = typename OpMath<S>::type;
-    std::vector<AdamPtrs<P, S>> ptrs;
     std::vector<AdamCoefs<O>> ocoefs;
+    for (const auto& c : coefs) ocoefs.push_back(cast_coefs<O>(c));
+    std::vector<AdamPtrs<P, S, O>> ptrs(gathered.size());
     for (size_t k = 0; k < gathered.size(); ++k) {
       const auto& g = gathered[k];
-      ptrs.push_back({static_cast<P*>(g.param.data_ptr()), static_cast<const P*>(g.grad.data_ptr()),
-                      ptr_or_null<S>(g.slots[kMaster]), ptr_or_null<S>(g.slots[kExpAvg]),
-                      ptr_or_null<S>(g.slots[kExpAvgSq]), ptr_or_null<S>(g.slots[kMaxExpAvgSq]),
-                      average ? ptr_or_null<S>(g.avg) : nullptr});
-      ocoefs.push_back(cast_coefs<O>(coefs[k]));
+      ptrs[k] = {static_cast<P*>(g.param), static_cast<const P*>(g.grad),
+                 static_cast<S*>(g.slots[kMaster]), static_cast<S*>(g.slots[kExpAvg]),
+                 static_cast<S*>(g.slots[kExpAvgSq]), static_cast<S*>(g.slots[kMaxExpAvgSq]),
+                 average ? static_cast<S*>(g.avg) : nullptr, &ocoefs[coef_of[k]]};
     }
     dispatch_bool(amsgrad_, [&](auto ams) {
       dispatch_bool(decoupled_, [&](auto dec) {
         dispatch_bool(average, [&](auto avg) {
           adam_kernel<P, S, kOn<decltype(ams)>, kOn<decltype(dec)>, kOn<decltype(avg)>>(
-              ptrs, numels, ocoefs, O(avg_coef));
+              ptrs, numels, O(avg_coef));
         });
       });
     });
   });
-  apply_writeback(writeback);
+  scratch.apply();
   return static_cast<int64_t>(gathered.size());
 }
 

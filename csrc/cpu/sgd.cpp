@@ -30,6 +30,11 @@ void sgd_kernel(const std::vector<SgdPtrs<P, S>>& ptrs, const std::vector<int64_
     for (int64_t i = ch.begin; i < ch.end; i += kUnit) {
       const int64_t n = std::min(kUnit, ch.end - i);
       OVec w0, w1, g0, g1, b0, b1;
+      if constexpr (MASTER) SIO::prefetch(t.master + i);
+      else PIO::prefetch(t.param + i);
+      PIO::prefetch(t.grad + i);
+      if constexpr (MOMENTUM) SIO::prefetch(t.buf + i);
+      if constexpr (AVERAGE) SIO::prefetch(t.avg + i);
       if constexpr (MASTER) SIO::load(t.master + i, n, w0, w1);
       else PIO::load(t.param + i, n, w0, w1);
       PIO::load(t.grad + i, n, g0, g1);
@@ -70,26 +75,26 @@ SgdPlan::SgdPlan(std::vector<at::Tensor> params, std::vector<at::Tensor> momentu
 int64_t SgdPlan::step(double lr, double weight_decay, double momentum, double dampening,
                       bool maximize, double grad_mul, const std::optional<at::Tensor>& grad_scale,
                       const std::optional<at::Tensor>& found_inf, double avg_coef) {
-  std::vector<std::pair<at::Tensor, at::Tensor>> writeback;
-  auto gathered = gather(writeback);
+  Scratch scratch;
+  const auto gathered = gather(scratch);
   if (found_inf_set(found_inf)) return -1;
   const double mul = grad_mul * inv_grad_scale(grad_scale) * (maximize ? -1.0 : 1.0);
   const bool average = has_averages() && avg_coef != 0.0;
   const auto coefs = make_sgd_coefs<double>(lr, weight_decay, decoupled_, momentum, dampening, mul);
 
-  std::vector<int64_t> numels;
-  for (const auto& g : gathered) numels.push_back(g.param.numel());
+  std::vector<int64_t> numels(gathered.size());
+  for (size_t k = 0; k < gathered.size(); ++k) numels[k] = gathered[k].numel;
 
   dispatch_dtypes(param_dtype(), state_dtype(), "SGD", [&](auto ptag, auto stag) {
     using P = typename decltype(ptag)::type;
     using S = typename decltype(stag)::type;
     using O = typename OpMath<S>::type;
-    std::vector<SgdPtrs<P, S>> ptrs;
-    for (const auto& g : gathered) {
-      ptrs.push_back({static_cast<P*>(g.param.data_ptr()), static_cast<const P*>(g.grad.data_ptr()),
-                      ptr_or_null<S>(g.slots[kMaster]), ptr_or_null<S>(g.slots[kBuf]),
-                      average ? ptr_or_null<S>(g.avg) : nullptr,
-                      momentum_ && first_step_[g.index] != 0});
+    std::vector<SgdPtrs<P, S>> ptrs(gathered.size());
+    for (size_t k = 0; k < gathered.size(); ++k) {
+      const auto& g = gathered[k];
+      ptrs[k] = {static_cast<P*>(g.param), static_cast<const P*>(g.grad),
+                 static_cast<S*>(g.slots[kMaster]), static_cast<S*>(g.slots[kBuf]),
+                 average ? static_cast<S*>(g.avg) : nullptr, momentum_ && first_step_[g.index] != 0};
     }
     const SgdCoefs<O> oc{O(coefs.lr), O(coefs.weight_decay), O(coefs.decay_factor),
                          O(coefs.momentum), O(coefs.one_minus_dampening), O(coefs.grad_mul)};
@@ -106,7 +111,7 @@ int64_t SgdPlan::step(double lr, double weight_decay, double momentum, double da
       });
     });
   });
-  apply_writeback(writeback);
+  scratch.apply();
   if (momentum_) {
     for (const auto& g : gathered) first_step_[g.index] = 0;
   }

@@ -205,11 +205,12 @@ class FusedOptimizerMixin:
                 and returns the loss.
         """
         sampler = self.__dict__.get("_ft_sampler")
-        if any(g.get("differentiable") for g in self.param_groups):
-            loss = self._torch_step(closure)
-            if sampler is not None:
-                sampler._sample_after_step()
-            return loss
+        for group in self.param_groups:
+            if group.get("differentiable"):
+                loss = self._torch_step(closure)
+                if sampler is not None:
+                    sampler._sample_after_step()
+                return loss
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -250,7 +251,11 @@ _DTensor = None
 
 
 def _run_with_hooks(self, func, args, kwargs):
-    for pre_hook in itertools.chain(_global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values()):
+    # The emptiness tests skip building chains on the common no-hook path
+    # (part of the step's host overhead).
+    pre_hooks = self._optimizer_step_pre_hooks
+    for pre_hook in itertools.chain(_global_optimizer_pre_hooks.values(), pre_hooks.values()) \
+            if _global_optimizer_pre_hooks or pre_hooks else ():
         result = pre_hook(self, args, kwargs)
         if result is not None:
             if isinstance(result, tuple) and len(result) == 2:
@@ -259,6 +264,8 @@ def _run_with_hooks(self, func, args, kwargs):
                 raise RuntimeError(f"{func} must return None or a tuple of (new_args, new_kwargs), but got {result}.")
     out = func(*args, **kwargs)
     self._optimizer_step_code()
-    for post_hook in itertools.chain(self._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()):
+    post_hooks = self._optimizer_step_post_hooks
+    for post_hook in itertools.chain(post_hooks.values(), _global_optimizer_post_hooks.values()) \
+            if post_hooks or _global_optimizer_post_hooks else ():
         post_hook(self, args, kwargs)
     return out
