@@ -187,3 +187,52 @@ def test_backends_report():
     assert report["reference"]["available"] is True
     for name, info in report.items():
         assert isinstance(info["detail"], str) and (info["available"] or info["detail"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,tcls,cfg", PAIRS, ids=IDS)
+def test_layouts_that_change_under_the_optimizer(backend, cls, tcls, cfg):
+    """A grad laid out unlike its param, and a param re-laid out (channels-last)
+    after its state was built, still give torch's step; a param reshaped under
+    the optimizer is a clear error that changes nothing (NOTE [plan cache])."""
+    shapes = [(4, 3, 2, 5), (7,)]
+    base = make_params(shapes, torch.float32)
+    ours_p, peer_p = clone_params(base), clone_params(base)
+    ours, peer = cls(ours_p, backend=backend, **cfg), tcls(peer_p, foreach=False, **cfg)
+    for k, grads in enumerate(make_grads(shapes, 4)):
+        for ps in (ours_p, peer_p):
+            if k == 2:
+                ps[0].data = ps[0].data.contiguous(memory_format=torch.channels_last)
+            g0 = grads[0].float()
+            ps[0].grad = g0.contiguous(memory_format=torch.channels_last) if k % 2 else g0
+            ps[1].grad = grads[1].float()
+        ours.step()
+        peer.step()
+    assert ours_p[0].is_contiguous(memory_format=torch.channels_last)
+    assert max_err(ours_p, base) > 1e-3
+    assert max_err(ours_p, peer_p) < 1e-5
+
+    ours_p[0].data = ours_p[0].data.reshape(12, 10)
+    ours_p[0].grad = torch.ones(12, 10)
+    ours_p[1].grad = torch.ones(7)
+    before_p, before_s = snapshot(ours_p, ours)
+    with pytest.raises(RuntimeError, match="shape"):
+        ours.step()
+    after_p, after_s = snapshot(ours_p, ours)
+    assert all(torch.equal(a, b) for a, b in zip(before_p, after_p))
+    assert all(torch.equal(before_s[k], after_s[k]) for k in before_s)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ extension is not built")
+@pytest.mark.parametrize("cls,tcls,cfg", PAIRS, ids=IDS)
+def test_cpu_work_split_across_many_tensors(cls, tcls, cfg):
+    """The cpu backend splits a step by element count across threads, in blocks
+    that start and end inside tensors: sizes that are not multiples of the
+    vector unit, empty and 0-dim tensors among them."""
+    shapes = [(i * 97 + 13,) for i in range(120)] + [(), (0,), (3, 70001)]
+    steps = make_grads(shapes, 2)
+    base = make_params(shapes, torch.float32)
+    ours, _ = train(lambda ps: cls(ps, backend="cpu", **cfg), base, steps)
+    peer, _ = train(lambda ps: tcls(ps, foreach=False, **cfg), base, steps)
+    assert max_err(ours, base) > 1e-3
+    assert max_err(ours, peer) < 1e-5

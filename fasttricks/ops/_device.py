@@ -62,6 +62,14 @@ class DevicePlan(PlanBase):
                     rows[name].append(named[name])
         return rows, writeback
 
+    @staticmethod
+    def write_back(writeback) -> None:
+        """Copies the temporaries of `prepare` back (under no_grad: the
+        destination may be a leaf param that requires grad)."""
+        with torch.no_grad():
+            for dst, tmp in writeback:
+                dst.copy_(tmp)
+
     def tables(self, rows: dict[str, list], flags: dict[str, list[int]] | None = None):
         """The packed device buffer: (ptrs, numels, chunk_tensor, chunk_start, n)."""
         flags = flags or {}

@@ -76,6 +76,13 @@ class PlanBase:
         tensors = self.slots.get(name)
         return None if tensors is None else tensors[i]
 
+    def _check_state(self, what: str, t: torch.Tensor, p: torch.Tensor) -> None:
+        if t.dtype != self.state_dtype:
+            raise TypeError(f"{self.op}: {what} has dtype {t.dtype}, expected {self.state_dtype}")
+        if t.shape != p.shape:
+            raise RuntimeError(f"{self.op}: {what} shape {tuple(t.shape)} differs from parameter shape "
+                               f"{tuple(p.shape)}")
+
     def gather(self) -> tuple[list[int], list[torch.Tensor]]:
         index, grads = [], []
         for i, p in enumerate(self.params):
@@ -87,11 +94,10 @@ class PlanBase:
                 raise TypeError(f"{self.op}: parameter dtype changed from {self.param_dtype} to {p.dtype} "
                                 "after the optimizer state was created")
             for name, tensors in self.slots.items():
-                if tensors is not None and tensors[i].dtype != self.state_dtype:
-                    raise TypeError(f"{self.op}: optimizer state {name!r} has dtype {tensors[i].dtype}, "
-                                    f"expected {self.state_dtype}")
-            if self.averages is not None and self.averages[i].dtype != self.state_dtype:
-                raise TypeError(f"{self.op}: average dtype {self.averages[i].dtype}, expected {self.state_dtype}")
+                if tensors is not None:
+                    self._check_state(f"optimizer state {name!r}", tensors[i], p)
+            if self.averages is not None:
+                self._check_state("average", self.averages[i], p)
             index.append(i)
             grads.append(g)
         return index, grads

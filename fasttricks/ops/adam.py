@@ -123,8 +123,7 @@ class DeviceAdamPlan(DevicePlan):
                     average=self.averages is not None and avg_coef != 0, device=self.device)
         if found_inf is not None:  # NOTE [found_inf contract]: undo the count on the device
             torch._foreach_sub_(steps, [found_inf] * len(steps))
-        for dst, tmp in writeback:
-            dst.copy_(tmp)
+        self.write_back(writeback)
         return len(index)
 
 

@@ -117,8 +117,7 @@ class DeviceSgdPlan(DevicePlan):
                     grad_mul=grad_mul * (-1.0 if maximize else 1.0), grad_scale=grad_scale,
                     found_inf=found_inf, avg_coef=avg_coef, nesterov=self.nesterov, decoupled=self.decoupled,
                     average=self.averages is not None and avg_coef != 0, device=self.device)
-        for dst, tmp in writeback:
-            dst.copy_(tmp)
+        self.write_back(writeback)
         # A skipped step leaves fresh buffers fresh; checking costs one sync,
         # paid only on the steps that still have fresh buffers.
         if any(first) and (found_inf is None or float(found_inf) == 0):
