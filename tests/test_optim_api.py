@@ -236,3 +236,28 @@ def test_cpu_work_split_across_many_tensors(cls, tcls, cfg):
     peer, _ = train(lambda ps: tcls(ps, foreach=False, **cfg), base, steps)
     assert max_err(ours, base) > 1e-3
     assert max_err(ours, peer) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,tcls,cfg", PAIRS, ids=IDS)
+def test_bad_grad_in_a_later_group_changes_nothing(backend, cls, tcls, cfg):
+    """Every plan is checked before any steps: a bad grad in the second param
+    group leaves the first group's params, the state and a fused EMA as they were."""
+    from fasttricks.sampling import EMA
+
+    params = make_params([(5,), (4, 3), (6,)], torch.float32)
+    opt = cls([{"params": params[:2]}, {"params": params[2:], "lr": 1e-3}], backend=backend, **cfg)
+    ema = EMA(opt, decay=0.5)
+    run(opt, params, make_grads([(5,), (4, 3), (6,)], 2))
+    before_p, before_s = snapshot(params, opt)
+    before_avg = [a.clone() for a in ema.averages]
+    counts = (ema.total_steps, ema.samples)
+    params[0].grad, params[1].grad = torch.ones(5), torch.ones(4, 3)
+    params[2].grad = torch.ones(6).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    after_p, after_s = snapshot(params, opt)
+    assert all(torch.equal(a, b) for a, b in zip(before_p, after_p))
+    assert all(torch.equal(before_s[k], after_s[k]) for k in before_s)
+    assert all(torch.equal(a, b) for a, b in zip(before_avg, ema.averages))
+    assert (ema.total_steps, ema.samples) == counts

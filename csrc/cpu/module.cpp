@@ -39,6 +39,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("eps"), py::arg("weight_decay"), py::arg("maximize"), py::arg("grad_mul"),
            py::arg("grad_scale"), py::arg("found_inf"), py::arg("avg_coef"))
       .def("set_averages", &ftc::AdamPlan::set_averages)
+      .def("check", &ftc::AdamPlan::check)
       .def("__len__", &ftc::AdamPlan::size);
 
   py::class_<ftc::SgdPlan>(m, "SgdPlan", py::dynamic_attr())
@@ -50,6 +51,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("momentum"), py::arg("dampening"), py::arg("maximize"), py::arg("grad_mul"),
            py::arg("grad_scale"), py::arg("found_inf"), py::arg("avg_coef"))
       .def("set_averages", &ftc::SgdPlan::set_averages)
+      .def("check", &ftc::SgdPlan::check)
       .def("first_step_flags", &ftc::SgdPlan::first_step_flags)
       .def("__len__", &ftc::SgdPlan::size);
 }

@@ -47,6 +47,12 @@ class PlanBase {
     refresh_cache();
   }
   int64_t size() const { return static_cast<int64_t>(params_.size()); }
+  // Raises what this step's gather would raise, and writes nothing: an
+  // optimizer with several plans checks them all before stepping any.
+  void check() const {
+    Scratch scratch;
+    gather(scratch);
+  }
 
  protected:
   // The parameters that have a grad, validated; nothing is written here.

@@ -83,6 +83,10 @@ class PlanBase:
             raise RuntimeError(f"{self.op}: {what} shape {tuple(t.shape)} differs from parameter shape "
                                f"{tuple(p.shape)}")
 
+    def check(self) -> None:
+        """Raises what this step's gather would raise, and writes nothing."""
+        self.gather()
+
     def gather(self) -> tuple[list[int], list[torch.Tensor]]:
         index, grads = [], []
         for i, p in enumerate(self.params):

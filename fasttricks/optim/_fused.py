@@ -218,10 +218,21 @@ class FusedOptimizerMixin:
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         grad_mul = self.grad_multiplier
+        groups = [(group, self._group_plans(group).buckets) for group in self.param_groups]
+        if len(groups) > 1 or len(groups[0][1]) > 1:
+            # A bad grad in a later plan must not leave the earlier ones stepped.
+            for _, plans in groups:
+                for plan in plans:
+                    plan.check()
         avg_coef = sampler._begin_step() if sampler is not None else 0.0
-        for group in self.param_groups:
-            for plan in self._group_plans(group).buckets:
-                self._step_plan(plan, group, grad_mul, grad_scale, found_inf, avg_coef)
+        try:
+            for group, plans in groups:
+                for plan in plans:
+                    self._step_plan(plan, group, grad_mul, grad_scale, found_inf, avg_coef)
+        except BaseException:
+            if sampler is not None:  # the plans check before writing: nothing was stepped
+                sampler._cancel_step()
+            raise
         if sampler is not None:
             sampler._end_step(avg_coef, found_inf)
         return loss

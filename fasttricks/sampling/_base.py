@@ -126,10 +126,19 @@ class WeightSampler:
     def _begin_step(self) -> float:
         self.step_in_epoch += 1
         self.total_steps += 1
-        coef = float(self._coefficient())
-        if not 0.0 <= coef <= 1.0:
-            raise RuntimeError(f"{type(self).__name__}: coefficient {coef} outside [0, 1]")
+        try:
+            coef = float(self._coefficient())
+            if not 0.0 <= coef <= 1.0:
+                raise RuntimeError(f"{type(self).__name__}: coefficient {coef} outside [0, 1]")
+        except BaseException:
+            self._cancel_step()
+            raise
         return coef
+
+    def _cancel_step(self) -> None:
+        """Undo _begin_step's count: the step failed before writing anything."""
+        self.step_in_epoch -= 1
+        self.total_steps -= 1
 
     def _end_step(self, coef: float, found_inf) -> bool:
         """Count the step's sample unless found_inf skipped it (read only on
