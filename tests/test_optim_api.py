@@ -261,3 +261,30 @@ def test_bad_grad_in_a_later_group_changes_nothing(backend, cls, tcls, cfg):
     assert all(torch.equal(before_s[k], after_s[k]) for k in before_s)
     assert all(torch.equal(a, b) for a, b in zip(before_avg, ema.averages))
     assert (ema.total_steps, ema.samples) == counts
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sgd_checkpoint_after_a_skipped_first_step(backend):
+    """A found_inf skip of the first step leaves the momentum buffers unborn:
+    the checkpoint omits them as torch would, and both ours and torch resume
+    with torch's first momentum step (buf = g), which dampening makes visible."""
+    cfg = dict(lr=0.1, momentum=0.9, dampening=0.5)
+    shapes = [(5,), (4, 3)]
+    base = make_params(shapes, torch.float32)
+    params = clone_params(base)
+    opt = fo.SGD(params, backend=backend, **cfg)
+    opt.found_inf = torch.tensor(1.0)
+    run(opt, params, make_grads(shapes, 1, seed=5))
+    del opt.found_inf
+    sd = copy.deepcopy(opt.state_dict())
+    assert all("momentum_buffer" not in s for s in sd["state"].values())
+    steps = make_grads(shapes, 3)
+    peer, _ = train(lambda ps: torch.optim.SGD(ps, foreach=False, **cfg), base, steps)
+    for make in (lambda ps: fo.SGD(ps, backend=backend, **cfg), lambda ps: torch.optim.SGD(ps, **cfg)):
+        resumed = clone_params(base)
+        ropt = make(resumed)
+        ropt.load_state_dict(copy.deepcopy(sd))
+        run(ropt, resumed, steps)
+        assert max_err(resumed, peer) < 1e-6
+    run(opt, params, steps)  # the original keeps going the same way
+    assert max_err(params, peer) < 1e-6

@@ -34,6 +34,26 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
         super().add_param_group(param_group)
         self.param_groups[-1].setdefault("decoupled_weight_decay", self._decoupled_default)
 
+    def state_dict(self):
+        """torch's layout. A buffer whose first step has not run yet (a
+        found_inf skip) is left out, as torch leaves out a buffer it has not
+        created: whoever loads the checkpoint then takes torch's first
+        momentum step (buf = g) instead of a step from a zero buffer, which
+        differs when dampening != 0."""
+        state_dict = super().state_dict()
+        fresh = self.__dict__.get("_ft_fresh_buffers")
+        if fresh:
+            for index, state in list(state_dict["state"].items()):
+                if id(state.get("momentum_buffer")) in fresh:
+                    state_dict["state"][index] = {k: v for k, v in state.items() if k != "momentum_buffer"}
+        return state_dict
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        # Loaded buffers have had their first step; ids of the old ones must
+        # not outlive them (a new tensor may reuse an id).
+        self._ft_fresh_buffers = set()
+
     def _plan_flags(self, group):
         return (group["momentum"] != 0, bool(group["nesterov"]), bool(group.get("decoupled_weight_decay")))
 
