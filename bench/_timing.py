@@ -40,6 +40,29 @@ def compare(fns: dict, *, device="cpu", warmup=3, iters=10) -> dict[str, float]:
     return {n: statistics.median(t) for n, t in times.items()}
 
 
+def compare_blocks(fns: dict, *, device="cpu", block=50, rounds=10) -> dict[str, float]:
+    """Median seconds per call, each fn called `block` times in a row per
+    round, the fns' order rotating between rounds. Unlike `compare`, a call
+    here mostly finds its own objects in cache: the host overhead of a step
+    in a loop, where `compare` gives it after another optimizer's step."""
+    names = list(fns)
+    for n in names:
+        fns[n]()
+    times = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        if r % 2:
+            order = order[::-1]
+        for n in order:
+            for _ in range(block):
+                sync(device)
+                t0 = time.perf_counter()
+                fns[n]()
+                sync(device)
+                times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
 def ceiling_gbps(numel: int, device="cpu", iters=10) -> float:
     """In-place add_ (CPU) / copy (GPU) bandwidth on numel fp32 elements."""
     x = torch.randn(numel, device=device)
