@@ -19,13 +19,21 @@ def _dtypes(backend):
     return [torch.float32, torch.bfloat16, torch.float16] + ([torch.float64] if backend != "triton" else [])
 
 
+def _torch_cases():
+    """(ours, torch's, config); AdamW takes no decoupled_weight_decay argument."""
+    for cfg in CONFIGS:
+        yield pytest.param(fo.Adam, torch.optim.Adam, cfg, id="Adam-" + _cfg_id(cfg))
+        if "decoupled_weight_decay" not in cfg:
+            yield pytest.param(fo.AdamW, torch.optim.AdamW, cfg, id="AdamW-" + _cfg_id(cfg))
+
+
+def _cfg_id(cfg):
+    return ",".join(f"{k}={v}" for k, v in cfg.items())
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
-@pytest.mark.parametrize("cls,tcls", [(fo.Adam, torch.optim.Adam), (fo.AdamW, torch.optim.AdamW)],
-                         ids=["Adam", "AdamW"])
-def test_matches_torch_fp32(backend, cfg, cls, tcls):
-    if cls is fo.AdamW and "decoupled_weight_decay" in cfg:
-        pytest.skip("AdamW has no decoupled_weight_decay argument")
+@pytest.mark.parametrize("cls,tcls,cfg", list(_torch_cases()))
+def test_matches_torch_fp32(backend, cls, tcls, cfg):
     steps = make_grads(SHAPES, 4)
     base = make_params(SHAPES, torch.float32)
     ours, _ = train(lambda ps: cls(ps, backend=backend, **cfg), base, steps)
