@@ -1,0 +1,170 @@
+"""The device paths on a CUDA GPU, for the triton and cuda backends: pointer
+tables, device-side step counts, grad_scale and found_inf, compiled kernels.
+The CPU tests check the same math on CPU tensors; without a CUDA device this
+module is skipped as a whole (marker `gpu`)."""
+import pytest
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from fasttricks import _backends
+from fasttricks import optim as fo
+from fasttricks.ops.mixup import mixup_blend, mixup_blend_reference
+from fasttricks.sampling import EMA
+from helpers import SHAPES, assert_close_rule, assert_param_is_rounded_master, clone_params, make_grads, make_params, max_err, rule_factor, run, train
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+CUDA = torch.device("cuda")
+# Past the GPU chunk (4096) and with many tensors, as on the CPU.
+GPU_SHAPES = SHAPES + [(1000, 37)] + [(i % 7 + 1,) for i in range(150)]
+
+
+def gpu_backends():
+    if not torch.cuda.is_available():
+        return []
+    return [b for b in ("triton", "cuda") if _backends.available(b, CUDA) is None]
+
+
+GPU_BACKENDS = gpu_backends()
+
+CASES = [
+    pytest.param(fo.Adam, torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1, amsgrad=True), id="Adam-amsgrad"),
+    pytest.param(fo.AdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1), id="AdamW"),
+    pytest.param(fo.AdamW, torch.optim.AdamW, dict(lr=1e-2, maximize=True), id="AdamW-maximize"),
+    pytest.param(fo.SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
+                 id="SGD-nesterov"),
+    pytest.param(fo.SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, dampening=0.3), id="SGD-dampening"),
+]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("cls,tcls,cfg", CASES)
+def test_matches_torch_on_cuda(backend, dtype, cls, tcls, cfg):
+    steps = make_grads(GPU_SHAPES, 4)
+    base = make_params(GPU_SHAPES, dtype, device=CUDA)
+    ours, _ = train(lambda ps: cls(ps, backend=backend, **cfg), base, steps)
+    peer, _ = train(lambda ps: tcls(ps, foreach=False, **cfg), base, steps)
+    truth, _ = train(lambda ps: tcls(ps, foreach=False, **cfg), base, steps, torch.float64)
+    assert ours[0].device == base[0].device
+    assert max_err(ours, base) > 1e-3
+    assert_close_rule(ours, peer, truth, factor=rule_factor(backend, dtype))
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_master_weights_on_cuda(backend):
+    """bf16 params with fp32 master weights follow torch's fp32 AdamW on an fp32
+    copy (fed the same bf16 grads), and each param is its master rounded."""
+    steps = [[g.to(torch.bfloat16).double() for g in gs] for gs in make_grads(GPU_SHAPES, 3)]
+    base = make_params(GPU_SHAPES, torch.bfloat16, device=CUDA)
+    params, opt = train(lambda ps: fo.AdamW(ps, lr=1e-2, master_weights=True, backend=backend), base, steps)
+    fp32, _ = train(lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=False), base, steps, torch.float32)
+    masters = [opt.state[p]["master_param"] for p in params]
+    assert max_err(masters, fp32) < 1e-5
+    assert_param_is_rounded_master(backend, params, masters, torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("cls,tcls,cfg", CASES[1:4])
+def test_found_inf_and_grad_scale_on_device(backend, cls, tcls, cfg):
+    """found_inf and grad_scale stay on the device: a flagged step changes
+    nothing (step counts included), an unflagged one unscales the grads."""
+    steps = make_grads(GPU_SHAPES, 3)
+    base = make_params(GPU_SHAPES, torch.float32, device=CUDA)
+    params, opt = train(lambda ps: cls(ps, backend=backend, **cfg), base, steps[:2])
+    before = [p.detach().clone() for p in params]
+    def state():
+        return [v.clone() for p in params for v in opt.state[p].values() if torch.is_tensor(v)]
+
+    saved = state()
+    opt.grad_scale = torch.tensor(1024.0, device=CUDA)
+    opt.found_inf = torch.tensor(1.0, device=CUDA)
+    run(opt, params, [[g * 1024 for g in steps[2]]])
+    assert all(torch.equal(b, p.detach()) for b, p in zip(before, params))
+    assert all(torch.equal(a, b) for a, b in zip(saved, state()))
+    opt.found_inf = torch.tensor(0.0, device=CUDA)
+    run(opt, params, [[g * 1024 for g in steps[2]]])
+    peer, _ = train(lambda ps: tcls(ps, foreach=False, **cfg), base, steps)
+    assert max_err(params, peer) < 1e-5
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gradscaler_amp_end_to_end(backend):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).to(CUDA)
+    ref = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).to(CUDA)
+    ref.load_state_dict(model.state_dict())
+    opt = fo.AdamW(model.parameters(), lr=1e-3, backend=backend)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, fused=True)
+    scalers = [torch.amp.GradScaler("cuda", init_scale=2.0**20), torch.amp.GradScaler("cuda", init_scale=2.0**20)]
+    for i in range(8):
+        x = torch.randn(16, 32, device=CUDA)
+        for net, o, scaler in ((model, opt, scalers[0]), (ref, ref_opt, scalers[1])):
+            o.zero_grad()
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss = net(x).float().square().mean()
+            scaler.scale(loss).backward()
+            scaler.step(o)
+            scaler.update()
+    assert scalers[0].get_scale() == scalers[1].get_scale()
+    assert max_err(list(model.parameters()), list(ref.parameters())) < 1e-4
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_fused_ema_equals_averaged_model_on_cuda(backend):
+    params = make_params(GPU_SHAPES, torch.float32, device=CUDA)
+    opt = fo.SGD(params, lr=0.05, momentum=0.9, backend=backend)
+    sampler = EMA(opt, decay=0.8)
+    module = torch.nn.ParameterList(params)
+    ema = AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(0.8))
+    for grads in make_grads(GPU_SHAPES, 6):
+        for p, g in zip(params, grads):
+            p.grad = g.float().to(CUDA)
+        opt.step()
+        ema.update_parameters(module)
+    assert max_err(sampler.averages, list(ema.module.parameters())) < 1e-5
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.uint8],
+                         ids=["fp32", "bf16", "fp16", "uint8"])
+@pytest.mark.parametrize("B", [1, 5, 8])
+def test_mixup_blend_on_cuda(backend, dtype, B):
+    g = torch.Generator().manual_seed(B)
+    x = (torch.rand((B, 3, 17, 19), generator=g, dtype=torch.float64) * (255 if dtype == torch.uint8 else 4)).to(dtype)
+    lam = torch.rand(B, generator=g)
+    perm = torch.randperm(B, generator=g)
+    for p in (None, perm):
+        expected = mixup_blend_reference(x, lam, p)
+        if p is None:
+            out = x.to(CUDA)
+            mixup_blend(out, lam.to(CUDA), inplace=True, backend=backend)
+        else:
+            out = mixup_blend(x.to(CUDA), lam.to(CUDA), p.to(CUDA), backend=backend)
+        out = out.cpu()
+        if dtype == torch.uint8:  # half up, on every backend
+            assert torch.equal(out, expected)
+        else:
+            tol = torch.finfo(dtype).eps * 4 * max(1.0, expected.double().abs().max().item())
+            assert (out.double() - expected.double()).abs().max().item() <= tol
+
+
+def test_plans_follow_new_grad_tensors_on_cuda():
+    """zero_grad(set_to_none=True) gives new grad tensors each step: the device
+    pointer table must follow them (it is cached by pointer)."""
+    if not GPU_BACKENDS:
+        pytest.skip("no GPU backend built")
+    base = make_params(GPU_SHAPES, torch.float32, device=CUDA)
+    for backend in GPU_BACKENDS:
+        params = clone_params(base)
+        opt = fo.AdamW(params, lr=1e-2, backend=backend)
+        peer_params = clone_params(base)
+        peer = torch.optim.AdamW(peer_params, lr=1e-2, foreach=False)
+        for grads in make_grads(GPU_SHAPES, 3):
+            for o, ps in ((opt, params), (peer, peer_params)):
+                o.zero_grad(set_to_none=True)
+                for p, g in zip(ps, grads):
+                    p.grad = g.float().to(CUDA)
+                o.step()
+        assert max_err(params, peer_params) < 1e-5
