@@ -16,7 +16,7 @@ IDS = ["Adam", "AdamW", "SGD"]
 
 
 def snapshot(params, opt):
-    state = {k: v.clone() for p in params for k, v in opt.state[p].items() if torch.is_tensor(v)}
+    state = {(i, k): v.clone() for i, p in enumerate(params) for k, v in opt.state[p].items() if torch.is_tensor(v)}
     return [p.detach().clone() for p in params], state
 
 
@@ -288,3 +288,39 @@ def test_sgd_checkpoint_after_a_skipped_first_step(backend):
         assert max_err(resumed, peer) < 1e-6
     run(opt, params, steps)  # the original keeps going the same way
     assert max_err(params, peer) < 1e-6
+
+
+@pytest.mark.skipif("triton" not in BACKENDS or "cpu" not in BACKENDS,
+                    reason="needs the Triton backend and the C++ extension")
+@pytest.mark.parametrize("cls,tcls,cfg", PAIRS, ids=IDS)
+def test_device_tables_native_and_python_agree(cls, tcls, cfg, monkeypatch):
+    """The device plans pack their pointer tables in C++ (fasttricks._C.DeviceTable)
+    or, without the extension, in Python: bit-identical steps either way, through
+    a fused EMA, a found_inf skip, params without grads and a grad laid out unlike
+    its param."""
+    from fasttricks.ops import _device
+    from fasttricks.sampling import EMA
+
+    shapes = [(4, 3, 2, 5), (7,), (), (4099,)]
+    base = make_params(shapes, torch.float32)
+    results = []
+    for native in (True, False):
+        monkeypatch.setattr(_device, "NATIVE", native)
+        params = clone_params(base)
+        opt = cls(params, backend="triton", **cfg)
+        ema = EMA(opt, decay=0.5)
+        for k, grads in enumerate(make_grads(shapes, 4)):
+            for i, (p, g) in enumerate(zip(params, grads)):
+                p.grad = None if (k == 1 and i == 1) else g.float()
+            if k == 2:
+                params[0].grad = params[0].grad.contiguous(memory_format=torch.channels_last)
+            opt.found_inf = torch.tensor(float(k == 3))
+            opt.step()
+        plans = [plan for group in opt._ft_plans.values() for plan in group.buckets]
+        assert plans and all((plan._native is not None) == native for plan in plans)
+        results.append(([p.detach().clone() for p in params], [a.clone() for a in ema.averages],
+                        snapshot(params, opt)[1]))
+    (p1, a1, s1), (p2, a2, s2) = results
+    assert max_err(p1, base) > 1e-3
+    assert all(torch.equal(x, y) for x, y in zip(p1 + a1, p2 + a2))
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)

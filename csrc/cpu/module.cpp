@@ -1,6 +1,7 @@
 // Python bindings of the CPU extension fasttricks._C.
 #include <torch/extension.h>
 
+#include "device_table.h"
 #include "plans.h"
 
 namespace ftc = fasttricks::cpu;
@@ -54,4 +55,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("check", &ftc::SgdPlan::check)
       .def("first_step_flags", &ftc::SgdPlan::first_step_flags)
       .def("__len__", &ftc::SgdPlan::size);
+
+  py::class_<ftc::DeviceTable>(m, "DeviceTable")
+      .def(py::init<std::string, std::vector<at::Tensor>, std::vector<std::vector<at::Tensor>>, int64_t,
+                    int64_t, int64_t, at::ScalarType, int64_t>(),
+           py::arg("op"), py::arg("params"), py::arg("rows"), py::arg("n_state_rows"), py::arg("step_row"),
+           py::arg("n_flag_rows"), py::arg("state_dtype"), py::arg("chunk"))
+      .def("gather",
+           [](ftc::DeviceTable& t) {
+             auto packed = t.gather();
+             py::object tables = packed.n ? py::cast(packed.tables) : py::none();
+             return py::make_tuple(packed.n, tables, py::cast(packed.writeback), py::cast(packed.keep));
+           },
+           "(n, tables or None, writeback, keep): see fasttricks/ops/_device.py")
+      .def("unbump_steps", &ftc::DeviceTable::unbump_steps)
+      .def("set_row", &ftc::DeviceTable::set_row)
+      .def("set_flags", &ftc::DeviceTable::set_flags)
+      .def("flags", &ftc::DeviceTable::flags)
+      .def("any_gathered_flag", &ftc::DeviceTable::any_gathered_flag)
+      .def("clear_gathered_flags", &ftc::DeviceTable::clear_gathered_flags);
 }

@@ -97,6 +97,7 @@ class DeviceAdamPlan(DevicePlan):
 
     op = "Adam"
     ROWS = ROWS
+    STEP_ROW = "step"
 
     def __init__(self, params, steps, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, amsgrad, decoupled):
         super().__init__(params, {"exp_avg": exp_avgs, "exp_avg_sq": exp_avg_sqs,
@@ -104,14 +105,9 @@ class DeviceAdamPlan(DevicePlan):
         self.steps, self.amsgrad, self.decoupled = steps, amsgrad, decoupled
 
     def step(self, lr, beta1, beta2, eps, weight_decay, maximize, grad_mul, grad_scale, found_inf, avg_coef):
-        index, grads = self.gather()
-        if not index:
+        n, tables, writeback, keep = self.pack()
+        if not n:
             return 0
-        rows, writeback = self.prepare(index, grads)
-        steps = [self.steps[i] for i in index]
-        rows["step"] = steps
-        tables = self.tables(rows)
-        torch._foreach_add_(steps, 1.0)
         if found_inf is not None:
             found_inf = found_inf.to(device=self.device, dtype=torch.float32)
         if grad_scale is not None:
@@ -121,10 +117,11 @@ class DeviceAdamPlan(DevicePlan):
                     grad_mul=grad_mul * (-1.0 if maximize else 1.0), grad_scale=grad_scale,
                     found_inf=found_inf, avg_coef=avg_coef, amsgrad=self.amsgrad, decoupled=self.decoupled,
                     average=self.averages is not None and avg_coef != 0, device=self.device)
-        if found_inf is not None:  # NOTE [found_inf contract]: undo the count on the device
-            torch._foreach_sub_(steps, [found_inf] * len(steps))
+        del keep  # the temporaries the kernel reads lived through its launch
+        if found_inf is not None:
+            self.unbump_steps(found_inf)
         self.write_back(writeback)
-        return len(index)
+        return n
 
 
 def make_adam_plan(backend: str, params, steps, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters,

@@ -92,22 +92,21 @@ ROWS = ("param", "grad", "momentum_buffer", "master", "avg", "first")
 class DeviceSgdPlan(DevicePlan):
     op = "SGD"
     ROWS = ROWS
+    FLAG_ROWS = ("first",)
 
     def __init__(self, params, momentum_buffers, masters, first_step, nesterov, decoupled):
         super().__init__(params, {"momentum_buffer": momentum_buffers, "master": masters})
-        self.first_step = [bool(f) for f in first_step] if momentum_buffers is not None else None
+        self.momentum = momentum_buffers is not None
+        if self.momentum:
+            self.set_flags("first", first_step)
         self.nesterov, self.decoupled = nesterov, decoupled
 
     def step(self, lr, weight_decay, momentum, dampening, maximize, grad_mul, grad_scale, found_inf, avg_coef):
-        index, grads = self.gather()
-        if not index:
-            return 0
-        momentum_on = self.slots["momentum_buffer"] is not None
-        if momentum_on != (momentum != 0):
+        if self.momentum != (momentum != 0):
             raise RuntimeError("SGD plan: momentum switched on or off after the plan was built")
-        rows, writeback = self.prepare(index, grads)
-        first = [int(self.first_step[i]) for i in index] if momentum_on else [0] * len(index)
-        tables = self.tables(rows, flags={"first": first})
+        n, tables, writeback, keep = self.pack()
+        if not n:
+            return 0
         if found_inf is not None:
             found_inf = found_inf.to(device=self.device, dtype=torch.float32)
         if grad_scale is not None:
@@ -117,16 +116,16 @@ class DeviceSgdPlan(DevicePlan):
                     grad_mul=grad_mul * (-1.0 if maximize else 1.0), grad_scale=grad_scale,
                     found_inf=found_inf, avg_coef=avg_coef, nesterov=self.nesterov, decoupled=self.decoupled,
                     average=self.averages is not None and avg_coef != 0, device=self.device)
+        del keep  # the temporaries the kernel reads lived through its launch
         self.write_back(writeback)
         # A skipped step leaves fresh buffers fresh; checking costs one sync,
         # paid only on the steps that still have fresh buffers.
-        if any(first) and (found_inf is None or float(found_inf) == 0):
-            for i in index:
-                self.first_step[i] = False
-        return len(index)
+        if self.momentum and self.any_gathered_flag("first") and (found_inf is None or float(found_inf) == 0):
+            self.clear_gathered_flags("first")
+        return n
 
     def first_step_flags(self):
-        return list(self.first_step or [])
+        return [bool(f) for f in self.flags("first")] if self.momentum else []
 
 
 def make_sgd_plan(backend: str, params, momentum_buffers, masters, first_step, *, nesterov: bool,

@@ -1,0 +1,195 @@
+// Host side of the Triton and CUDA multi-tensor steps (fasttricks/ops/_device.py
+// has the format and a pure-Python equivalent): validates a step's params and
+// grads, packs the pointer table, and bumps the step counters. In C++ because
+// the Python loop over 161 params cost about a millisecond a step, far over
+// the GPU host-overhead target (SPEC: <= 50 us). Only tensor metadata is read
+// here; the table copy and the counter bump are torch ops on the device.
+#include "device_table.h"
+
+#include <ATen/ops/_foreach_add.h>
+#include <ATen/ops/_foreach_sub.h>
+
+namespace fasttricks {
+namespace cpu {
+
+DeviceTable::DeviceTable(std::string op, std::vector<at::Tensor> params,
+                         std::vector<std::vector<at::Tensor>> rows, int64_t n_state_rows,
+                         int64_t step_row, int64_t n_flag_rows, at::ScalarType state_dtype,
+                         int64_t chunk)
+    : op_(std::move(op)), params_(std::move(params)), rows_(std::move(rows)),
+      n_state_rows_(n_state_rows), step_row_(step_row), state_dtype_(state_dtype), chunk_(chunk) {
+  TORCH_CHECK(!params_.empty(), op_, " plan: no parameters");
+  TORCH_CHECK(n_state_rows_ >= 0 && n_state_rows_ <= static_cast<int64_t>(rows_.size()) &&
+                  step_row_ < static_cast<int64_t>(rows_.size()) && chunk_ > 0,
+              op_, " plan: bad table layout");
+  for (const auto& r : rows_) {
+    TORCH_CHECK(r.empty() || r.size() == params_.size(), op_, " plan: row length mismatch");
+  }
+  param_dtype_ = params_[0].scalar_type();
+  device_ = params_[0].device();
+  flags_.assign(n_flag_rows, std::vector<int64_t>(params_.size(), 0));
+  refresh();
+}
+
+void DeviceTable::set_row(int64_t row, std::vector<at::Tensor> tensors) {
+  TORCH_CHECK(row >= 0 && row < static_cast<int64_t>(rows_.size()), op_, " plan: no row ", row);
+  TORCH_CHECK(tensors.empty() || tensors.size() == params_.size(), op_,
+              ": one tensor per parameter (or none)");
+  rows_[row] = std::move(tensors);
+  refresh();
+}
+
+void DeviceTable::set_flags(int64_t row, std::vector<int64_t> values) {
+  TORCH_CHECK(row >= 0 && row < static_cast<int64_t>(flags_.size()) && values.size() == params_.size(),
+              op_, " plan: bad flag row");
+  flags_[row] = std::move(values);
+}
+
+// NOTE [plan cache] (plans.h): the state rows belong to the plan, so their
+// dtype and layout against the param are checked here, once.
+void DeviceTable::refresh() {
+  fast_.assign(params_.size(), 0);
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const at::Tensor& p = params_[i];
+    bool fast = p.is_non_overlapping_and_dense();
+    for (int64_t r = 0; r < n_state_rows_ && fast; ++r) {
+      if (rows_[r].empty()) continue;
+      const at::Tensor& t = rows_[r][i];
+      fast = t.scalar_type() == state_dtype_ && t.device() == p.device() && same_ints(t.sizes(), p.sizes()) &&
+             same_ints(t.strides(), p.strides());
+    }
+    fast_[i] = fast;
+  }
+  layout_.assign(params_.size(), {});
+  for (size_t i = 0; i < params_.size(); ++i) {
+    layout_[i].assign(params_[i].sizes().begin(), params_[i].sizes().end());
+    layout_[i].insert(layout_[i].end(), params_[i].strides().begin(), params_[i].strides().end());
+  }
+  key_.clear();  // rebuild the device table on the next step
+}
+
+void DeviceTable::check_grad(const at::Tensor& p, const at::Tensor& g) const {
+  TORCH_CHECK(!g.is_sparse(), op_, " does not support sparse gradients; use torch.optim.SparseAdam or a dense gradient");
+  TORCH_CHECK_TYPE(g.scalar_type() == p.scalar_type(), op_, ": gradient dtype ", g.scalar_type(),
+                   " differs from parameter dtype ", p.scalar_type());
+  TORCH_CHECK(same_ints(g.sizes(), p.sizes()), op_, ": gradient shape ", g.sizes(),
+              " differs from parameter shape ", p.sizes());
+  TORCH_CHECK(g.device() == p.device(), op_, ": gradient on ", g.device(), ", parameter on ", p.device());
+  TORCH_CHECK_TYPE(p.scalar_type() == param_dtype_, op_, ": parameter dtype changed from ", param_dtype_,
+                   " to ", p.scalar_type(), " after the optimizer state was created");
+}
+
+bool DeviceTable::layout_unchanged(size_t i) const {
+  const at::Tensor& p = params_[i];
+  const auto& l = layout_[i];
+  const size_t d = static_cast<size_t>(p.dim());
+  return l.size() == 2 * d && same_ints(p.sizes(), {l.data(), d}) && same_ints(p.strides(), {l.data() + d, d});
+}
+
+DeviceTable::Packed DeviceTable::gather() {
+  const int64_t n_rows = 2 + static_cast<int64_t>(rows_.size() + flags_.size());
+  Scratch scratch;
+  last_.clear();
+  std::vector<int64_t> ptrs;   // row-major [n_rows, n], filled row by row below
+  std::vector<const void*> cols;  // per gathered param: param, grad, then rows
+  std::vector<int64_t> numels;
+  const size_t n_cols = 2 + rows_.size();
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const at::Tensor& p = params_[i];
+    const at::Tensor& g = p.grad();
+    if (!g.defined()) continue;
+    check_grad(p, g);
+    last_.push_back(static_cast<int64_t>(i));
+    numels.push_back(p.numel());
+    if (fast_[i] && layout_unchanged(i) && same_ints(g.strides(), p.strides())) {
+      cols.push_back(p.data_ptr());
+      cols.push_back(g.data_ptr());
+      for (const auto& r : rows_) cols.push_back(r.empty() ? nullptr : r[i].data_ptr());
+      continue;
+    }
+    // Full check, then contiguous temporaries where layouts differ.
+    for (int64_t r = 0; r < n_state_rows_; ++r) {
+      if (rows_[r].empty()) continue;
+      const at::Tensor& t = rows_[r][i];
+      TORCH_CHECK_TYPE(t.scalar_type() == state_dtype_, op_, ": optimizer state dtype ", t.scalar_type(),
+                       " differs from the expected ", state_dtype_);
+      TORCH_CHECK(same_ints(t.sizes(), p.sizes()), op_, ": optimizer state shape ", t.sizes(),
+                  " differs from parameter shape ", p.sizes());
+      TORCH_CHECK(t.device() == p.device(), op_, ": optimizer state on ", t.device(), ", parameter on ",
+                  p.device());
+    }
+    bool dense = p.is_non_overlapping_and_dense() && same_ints(g.strides(), p.strides());
+    for (int64_t r = 0; r < n_state_rows_ && dense; ++r) {
+      if (!rows_[r].empty()) dense = same_ints(rows_[r][i].strides(), p.strides());
+    }
+    cols.push_back(dense ? p.data_ptr() : scratch.writable(p));
+    cols.push_back(dense ? g.data_ptr() : const_cast<void*>(scratch.readable(g)));
+    for (size_t r = 0; r < rows_.size(); ++r) {
+      if (rows_[r].empty()) {
+        cols.push_back(nullptr);
+      } else if (static_cast<int64_t>(r) < n_state_rows_ && !dense) {
+        cols.push_back(scratch.writable(rows_[r][i]));
+      } else {
+        cols.push_back(rows_[r][i].data_ptr());
+      }
+    }
+  }
+  const int64_t n = static_cast<int64_t>(last_.size());
+  if (n == 0) return Packed{0, {}, {}, {}};
+
+  std::vector<int64_t> host(static_cast<size_t>(n_rows * n + n));
+  for (int64_t k = 0; k < n; ++k) {
+    for (size_t c = 0; c < n_cols; ++c) {
+      host[c * n + k] = reinterpret_cast<int64_t>(cols[k * n_cols + c]);
+    }
+    for (size_t f = 0; f < flags_.size(); ++f) host[(n_cols + f) * n + k] = flags_[f][last_[k]];
+    host[n_rows * n + k] = numels[k];
+  }
+  int64_t n_chunks = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    for (int64_t s = 0; s < numels[k]; s += chunk_) {
+      host.push_back(k);
+      ++n_chunks;
+    }
+  }
+  for (int64_t k = 0; k < n; ++k) {
+    for (int64_t s = 0; s < numels[k]; s += chunk_) host.push_back(s);
+  }
+
+  if (host != key_) {  // a pointer, a flag or a size changed: one copy to the device
+    at::Tensor buf = at::tensor(host, at::kLong);
+    if (!device_.is_cpu()) buf = buf.to(device_, /*non_blocking=*/true);
+    const int64_t R = n_rows;
+    const int64_t C = n_chunks;
+    tables_ = {buf.narrow(0, 0, R * n), buf.narrow(0, R * n, n), buf.narrow(0, R * n + n, C),
+               buf.narrow(0, R * n + n + C, C)};
+    n_chunks_ = C;
+    key_ = std::move(host);
+  }
+  if (step_row_ >= 0 && !rows_[step_row_].empty()) {
+    steps_.clear();
+    for (int64_t i : last_) steps_.push_back(rows_[step_row_][i]);
+    at::_foreach_add_(steps_, 1.0);
+  }
+  return Packed{n, std::make_tuple(tables_[0], tables_[1], tables_[2], tables_[3], n, n_chunks_),
+                std::move(scratch.writeback), std::move(scratch.keep)};
+}
+
+void DeviceTable::unbump_steps(const at::Tensor& found_inf) {
+  if (steps_.empty()) return;
+  at::_foreach_sub_(steps_, std::vector<at::Tensor>(steps_.size(), found_inf));
+}
+
+bool DeviceTable::any_gathered_flag(int64_t row) const {
+  for (int64_t i : last_) {
+    if (flags_.at(row)[i] != 0) return true;
+  }
+  return false;
+}
+
+void DeviceTable::clear_gathered_flags(int64_t row) {
+  for (int64_t i : last_) flags_.at(row)[i] = 0;
+}
+
+}  // namespace cpu
+}  // namespace fasttricks

@@ -1,0 +1,65 @@
+// See device_table.cpp.
+#pragma once
+#include "multi_tensor.h"
+
+#include <array>
+#include <string>
+#include <tuple>
+
+namespace fasttricks {
+namespace cpu {
+
+class DeviceTable {
+ public:
+  using Tables = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t>;
+  struct Packed {
+    int64_t n;  // params gathered (0: no grads, nothing else is set)
+    Tables tables;  // (ptrs[R, n], numels[n], chunk_tensor[C], chunk_start[C], n, C)
+    std::vector<std::pair<at::Tensor, at::Tensor>> writeback;  // (destination, temporary)
+    std::vector<at::Tensor> keep;  // temporaries the kernel reads: hold them until it is launched
+  };
+
+  // Table rows: param, grad, `rows` in order (an empty row packs null
+  // pointers), then `n_flag_rows` rows of per-param integers. rows[0,
+  // n_state_rows) are param-shaped state of `state_dtype`; rows[step_row]
+  // (if >= 0) holds the step counters bumped by gather().
+  DeviceTable(std::string op, std::vector<at::Tensor> params, std::vector<std::vector<at::Tensor>> rows,
+              int64_t n_state_rows, int64_t step_row, int64_t n_flag_rows, at::ScalarType state_dtype,
+              int64_t chunk);
+
+  void set_row(int64_t row, std::vector<at::Tensor> tensors);
+  void set_flags(int64_t row, std::vector<int64_t> values);
+  const std::vector<int64_t>& flags(int64_t row) const { return flags_.at(row); }
+
+  // Validates every param with a grad before anything is written, packs the
+  // table (copied to the device only when it changed) and bumps the steps.
+  Packed gather();
+  // NOTE [found_inf contract]: a skipped step takes its count back, on the device.
+  void unbump_steps(const at::Tensor& found_inf);
+  bool any_gathered_flag(int64_t row) const;
+  void clear_gathered_flags(int64_t row);
+
+ private:
+  void refresh();
+  void check_grad(const at::Tensor& p, const at::Tensor& g) const;
+  bool layout_unchanged(size_t i) const;
+
+  std::string op_;
+  std::vector<at::Tensor> params_;
+  std::vector<std::vector<at::Tensor>> rows_;
+  int64_t n_state_rows_, step_row_;
+  at::ScalarType param_dtype_, state_dtype_;
+  at::Device device_{at::kCPU};
+  int64_t chunk_;
+  std::vector<std::vector<int64_t>> flags_;
+  std::vector<uint8_t> fast_;                 // NOTE [plan cache]
+  std::vector<std::vector<int64_t>> layout_;  // each param's sizes then strides when checked
+  std::vector<int64_t> last_;                 // params gathered by the last step
+  std::vector<at::Tensor> steps_;             // their step counters
+  std::vector<int64_t> key_;                  // the host table behind tables_
+  std::array<at::Tensor, 4> tables_;
+  int64_t n_chunks_ = 0;
+};
+
+}  // namespace cpu
+}  // namespace fasttricks
