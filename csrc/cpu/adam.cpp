@@ -26,42 +26,57 @@ void adam_kernel(const std::vector<AdamPtrs<P, S, typename OpMath<S>::type>>& pt
   using OVec = typename SIO::OVec;
   static_assert(std::is_same_v<typename PIO::OVec, OVec>, "param and state must share a math type");
   constexpr bool MASTER = !std::is_same_v<P, S>;
+  using O = typename OpMath<S>::type;
   constexpr int64_t kUnit = SIO::kUnit;
+
+  // U units per iteration: all loads before any store, so more lines are in
+  // flight (a store may alias a later load, which the compiler must respect).
+  auto units = [&](const auto& t, const AdamCoefs<O>& c, int64_t i, int64_t n, auto u_tag) {
+    constexpr int U = decltype(u_tag)::value;
+    OVec w[2 * U], g[2 * U], m[2 * U], v[2 * U], x[2 * U];
+    for (int u = 0; u < U; ++u) {
+      const int64_t j = i + u * kUnit;
+      if constexpr (MASTER) SIO::prefetch(t.master + j);
+      else PIO::prefetch(t.param + j);
+      PIO::prefetch(t.grad + j);
+      SIO::prefetch(t.exp_avg + j);
+      SIO::prefetch(t.exp_avg_sq + j);
+      if constexpr (AMSGRAD) SIO::prefetch(t.max_exp_avg_sq + j);
+      if constexpr (AVERAGE) SIO::prefetch(t.avg + j);
+    }
+    for (int u = 0; u < U; ++u) {
+      const int64_t j = i + u * kUnit;
+      if constexpr (MASTER) SIO::load(t.master + j, n, w[2 * u], w[2 * u + 1]);
+      else PIO::load(t.param + j, n, w[2 * u], w[2 * u + 1]);
+      PIO::load(t.grad + j, n, g[2 * u], g[2 * u + 1]);
+      SIO::load(t.exp_avg + j, n, m[2 * u], m[2 * u + 1]);
+      SIO::load(t.exp_avg_sq + j, n, v[2 * u], v[2 * u + 1]);
+      if constexpr (AMSGRAD) SIO::load(t.max_exp_avg_sq + j, n, x[2 * u], x[2 * u + 1]);
+    }
+    for (int k = 0; k < 2 * U; ++k) adam_update<AMSGRAD, DECOUPLED>(w[k], g[k], m[k], v[k], x[k], c);
+    for (int u = 0; u < U; ++u) {
+      const int64_t j = i + u * kUnit;
+      SIO::store(t.exp_avg + j, n, m[2 * u], m[2 * u + 1]);
+      SIO::store(t.exp_avg_sq + j, n, v[2 * u], v[2 * u + 1]);
+      if constexpr (AMSGRAD) SIO::store(t.max_exp_avg_sq + j, n, x[2 * u], x[2 * u + 1]);
+      if constexpr (MASTER) SIO::store(t.master + j, n, w[2 * u], w[2 * u + 1]);
+      PIO::store(t.param + j, n, w[2 * u], w[2 * u + 1]);
+      if constexpr (AVERAGE) {
+        OVec a0, a1;
+        SIO::load(t.avg + j, n, a0, a1);
+        average_update(a0, w[2 * u], avg_coef);
+        average_update(a1, w[2 * u + 1], avg_coef);
+        SIO::store(t.avg + j, n, a0, a1);
+      }
+    }
+  };
 
   run_chunks(numels, [&](const Chunk& ch) {
     const auto& t = ptrs[ch.tensor];
     const auto& c = *t.coefs;
-    for (int64_t i = ch.begin; i < ch.end; i += kUnit) {
-      const int64_t n = std::min(kUnit, ch.end - i);
-      OVec w0, w1, g0, g1, m0, m1, v0, v1, x0, x1;
-      if constexpr (MASTER) SIO::prefetch(t.master + i);
-      else PIO::prefetch(t.param + i);
-      PIO::prefetch(t.grad + i);
-      SIO::prefetch(t.exp_avg + i);
-      SIO::prefetch(t.exp_avg_sq + i);
-      if constexpr (AMSGRAD) SIO::prefetch(t.max_exp_avg_sq + i);
-      if constexpr (AVERAGE) SIO::prefetch(t.avg + i);
-      if constexpr (MASTER) SIO::load(t.master + i, n, w0, w1);
-      else PIO::load(t.param + i, n, w0, w1);
-      PIO::load(t.grad + i, n, g0, g1);
-      SIO::load(t.exp_avg + i, n, m0, m1);
-      SIO::load(t.exp_avg_sq + i, n, v0, v1);
-      if constexpr (AMSGRAD) SIO::load(t.max_exp_avg_sq + i, n, x0, x1);
-      adam_update<AMSGRAD, DECOUPLED>(w0, g0, m0, v0, x0, c);
-      adam_update<AMSGRAD, DECOUPLED>(w1, g1, m1, v1, x1, c);
-      SIO::store(t.exp_avg + i, n, m0, m1);
-      SIO::store(t.exp_avg_sq + i, n, v0, v1);
-      if constexpr (AMSGRAD) SIO::store(t.max_exp_avg_sq + i, n, x0, x1);
-      if constexpr (MASTER) SIO::store(t.master + i, n, w0, w1);
-      PIO::store(t.param + i, n, w0, w1);
-      if constexpr (AVERAGE) {
-        OVec a0, a1;
-        SIO::load(t.avg + i, n, a0, a1);
-        average_update(a0, w0, avg_coef);
-        average_update(a1, w1, avg_coef);
-        SIO::store(t.avg + i, n, a0, a1);
-      }
-    }
+    int64_t i = ch.begin;
+    for (; i + 2 * kUnit <= ch.end; i += 2 * kUnit) units(t, c, i, kUnit, std::integral_constant<int, 2>{});
+    for (; i < ch.end; i += kUnit) units(t, c, i, std::min(kUnit, ch.end - i), std::integral_constant<int, 1>{});
   });
 }
 

@@ -25,35 +25,48 @@ void sgd_kernel(const std::vector<SgdPtrs<P, S>>& ptrs, const std::vector<int64_
   constexpr bool MASTER = !std::is_same_v<P, S>;
   constexpr int64_t kUnit = SIO::kUnit;
 
-  run_chunks(numels, [&](const Chunk& ch) {
-    const auto& t = ptrs[ch.tensor];
-    for (int64_t i = ch.begin; i < ch.end; i += kUnit) {
-      const int64_t n = std::min(kUnit, ch.end - i);
-      OVec w0, w1, g0, g1, b0, b1;
-      if constexpr (MASTER) SIO::prefetch(t.master + i);
-      else PIO::prefetch(t.param + i);
-      PIO::prefetch(t.grad + i);
-      if constexpr (MOMENTUM) SIO::prefetch(t.buf + i);
-      if constexpr (AVERAGE) SIO::prefetch(t.avg + i);
-      if constexpr (MASTER) SIO::load(t.master + i, n, w0, w1);
-      else PIO::load(t.param + i, n, w0, w1);
-      PIO::load(t.grad + i, n, g0, g1);
+  // Two units per iteration, all loads before any store (see adam.cpp).
+  auto units = [&](const SgdPtrs<P, S>& t, int64_t i, int64_t n, auto u_tag) {
+    constexpr int U = decltype(u_tag)::value;
+    OVec w[2 * U], g[2 * U], b[2 * U];
+    for (int u = 0; u < U; ++u) {
+      const int64_t j = i + u * kUnit;
+      if constexpr (MASTER) SIO::prefetch(t.master + j);
+      else PIO::prefetch(t.param + j);
+      PIO::prefetch(t.grad + j);
+      if constexpr (MOMENTUM) SIO::prefetch(t.buf + j);
+      if constexpr (AVERAGE) SIO::prefetch(t.avg + j);
+    }
+    for (int u = 0; u < U; ++u) {
+      const int64_t j = i + u * kUnit;
+      if constexpr (MASTER) SIO::load(t.master + j, n, w[2 * u], w[2 * u + 1]);
+      else PIO::load(t.param + j, n, w[2 * u], w[2 * u + 1]);
+      PIO::load(t.grad + j, n, g[2 * u], g[2 * u + 1]);
       if constexpr (MOMENTUM) {
-        if (!t.first_step) SIO::load(t.buf + i, n, b0, b1);
-      }
-      sgd_update<MOMENTUM, NESTEROV, DECOUPLED>(w0, g0, b0, t.first_step, c);
-      sgd_update<MOMENTUM, NESTEROV, DECOUPLED>(w1, g1, b1, t.first_step, c);
-      if constexpr (MOMENTUM) SIO::store(t.buf + i, n, b0, b1);
-      if constexpr (MASTER) SIO::store(t.master + i, n, w0, w1);
-      PIO::store(t.param + i, n, w0, w1);
-      if constexpr (AVERAGE) {
-        OVec a0, a1;
-        SIO::load(t.avg + i, n, a0, a1);
-        average_update(a0, w0, avg_coef);
-        average_update(a1, w1, avg_coef);
-        SIO::store(t.avg + i, n, a0, a1);
+        if (!t.first_step) SIO::load(t.buf + j, n, b[2 * u], b[2 * u + 1]);
       }
     }
+    for (int k = 0; k < 2 * U; ++k) sgd_update<MOMENTUM, NESTEROV, DECOUPLED>(w[k], g[k], b[k], t.first_step, c);
+    for (int u = 0; u < U; ++u) {
+      const int64_t j = i + u * kUnit;
+      if constexpr (MOMENTUM) SIO::store(t.buf + j, n, b[2 * u], b[2 * u + 1]);
+      if constexpr (MASTER) SIO::store(t.master + j, n, w[2 * u], w[2 * u + 1]);
+      PIO::store(t.param + j, n, w[2 * u], w[2 * u + 1]);
+      if constexpr (AVERAGE) {
+        OVec a0, a1;
+        SIO::load(t.avg + j, n, a0, a1);
+        average_update(a0, w[2 * u], avg_coef);
+        average_update(a1, w[2 * u + 1], avg_coef);
+        SIO::store(t.avg + j, n, a0, a1);
+      }
+    }
+  };
+
+  run_chunks(numels, [&](const Chunk& ch) {
+    const auto& t = ptrs[ch.tensor];
+    int64_t i = ch.begin;
+    for (; i + 2 * kUnit <= ch.end; i += 2 * kUnit) units(t, i, kUnit, std::integral_constant<int, 2>{});
+    for (; i < ch.end; i += kUnit) units(t, i, std::min(kUnit, ch.end - i), std::integral_constant<int, 1>{});
   });
 }
 
