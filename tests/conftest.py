@@ -1,8 +1,12 @@
-"""Shared helpers. Triton runs on the CPU through its interpreter here; the
-variable must be set before fasttricks.kernels (and so triton.jit) is imported."""
+"""Shared helpers. Without a GPU, Triton runs on the CPU through its
+interpreter; with one, it compiles (tests/test_gpu.py). The variable must be
+set before fasttricks.kernels (and so triton.jit) is imported."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
