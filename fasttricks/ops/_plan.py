@@ -28,6 +28,26 @@ def check_grad(op: str, p: torch.Tensor, g: torch.Tensor) -> None:
         raise RuntimeError(f"{op}: gradient on {g.device}, parameter on {p.device}")
 
 
+def is_dtensor(t) -> bool:
+    global _DTensor
+    if _DTensor is None:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # torch built without distributed
+            DTensor = ()
+        _DTensor = DTensor
+    return bool(_DTensor) and isinstance(t, _DTensor)
+
+
+_DTensor = None
+
+
+def local_shards(tensors):
+    """NOTE [DTensor shards] (fasttricks/optim/_fused.py): the fused plans run on
+    each rank's local piece of DTensor params and state; other tensors pass."""
+    return None if tensors is None else [t._local_tensor if is_dtensor(t) else t for t in tensors]
+
+
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 

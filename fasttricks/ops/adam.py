@@ -23,7 +23,7 @@ import torch
 
 from fasttricks import _backends
 from fasttricks.ops._device import DevicePlan
-from fasttricks.ops._plan import PlanBase, found_inf_set, inv_grad_scale, opmath_dtype
+from fasttricks.ops._plan import PlanBase, found_inf_set, inv_grad_scale, local_shards, opmath_dtype
 
 __all__ = ["adam_reference_", "make_adam_plan"]
 
@@ -132,6 +132,8 @@ def make_adam_plan(backend: str, params, steps, exp_avgs, exp_avg_sqs, max_exp_a
     returns the number of params updated, or -1 when found_inf skipped the step."""
     args = (list(params), list(steps), list(exp_avgs), list(exp_avg_sqs),
             list(max_exp_avg_sqs) if amsgrad else None, list(masters) if masters else None)
+    if backend != "reference":  # NOTE [DTensor shards]: the kernels take each rank's local pieces
+        args = tuple(map(local_shards, args))
     if backend == "reference":
         return ReferenceAdamPlan(*args, amsgrad, decoupled)
     if backend == "cpu":

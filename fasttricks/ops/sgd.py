@@ -18,7 +18,7 @@ import torch
 
 from fasttricks import _backends
 from fasttricks.ops._device import DevicePlan
-from fasttricks.ops._plan import PlanBase, found_inf_set, inv_grad_scale, opmath_dtype
+from fasttricks.ops._plan import PlanBase, found_inf_set, inv_grad_scale, local_shards, opmath_dtype
 
 __all__ = ["sgd_reference_", "make_sgd_plan"]
 
@@ -136,6 +136,8 @@ def make_sgd_plan(backend: str, params, momentum_buffers, masters, first_step, *
     returns the number of params updated, or -1 when found_inf skipped the step."""
     bufs = list(momentum_buffers) if momentum_buffers is not None else None
     args = (list(params), bufs, list(masters) if masters else None, list(first_step))
+    if backend != "reference":  # NOTE [DTensor shards]: the kernels take each rank's local pieces
+        args = (local_shards(args[0]), local_shards(args[1]), local_shards(args[2]), args[3])
     if backend == "reference":
         return ReferenceSgdPlan(*args, nesterov, decoupled)
     if backend == "cpu":

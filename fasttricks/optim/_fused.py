@@ -27,15 +27,19 @@ import torch
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from fasttricks import _backends
+from fasttricks.ops._plan import is_dtensor as _is_dtensor, local_shards
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 class _GroupPlans:
-    __slots__ = ("key", "buckets", "stateless")
+    __slots__ = ("key", "buckets", "stateless", "shards")
 
-    def __init__(self, key, buckets, stateless):
+    def __init__(self, key, buckets, stateless, shards):
         self.key, self.buckets, self.stateless = key, buckets, stateless
+        # NOTE [DTensor shards]: (DTensor param, its local shard) for the
+        # buckets whose fused plans run on local shards.
+        self.shards = shards
 
 
 class FusedOptimizerMixin:
@@ -133,7 +137,8 @@ class FusedOptimizerMixin:
         key = (id(group["params"]), len(group["params"]), group["backend"], bool(group["master_weights"]),
                *self._plan_flags(group))
         entry = plans.get(id(group))
-        if entry is not None and entry.key == key and not any(p.grad is not None for p in entry.stateless):
+        if entry is not None and entry.key == key and not any(p.grad is not None for p in entry.stateless) \
+                and all(p._local_tensor is local for p, local in entry.shards):
             return entry
         entry = self._build_group(group, key)
         plans[id(group)] = entry
@@ -152,28 +157,19 @@ class FusedOptimizerMixin:
             master = bool(group["master_weights"]) and p.dtype in _LOW_PRECISION
             self._normalise_state(p, state, master)
             buckets.setdefault((p.device, p.dtype, _is_dtensor(p)), []).append(p)
-        plans = []
+        plans, shards = [], []
         for (device, _dtype, sharded), params in buckets.items():
-            backend = self._bucket_backend(group["backend"], device, sharded)
+            backend = _backends.resolve(group["backend"], device)
             master = bool(group["master_weights"]) and _dtype in _LOW_PRECISION
             plan = self._build_plan(backend, group, params, master)
             sampler = self.__dict__.get("_ft_sampler")
             if sampler is not None:
-                plan.set_averages(sampler._averages_for(params, master))
+                averages = sampler._averages_for(params, master)
+                plan.set_averages(local_shards(averages) if sharded and backend != "reference" else averages)
+            if sharded and backend != "reference":
+                shards += [(p, p._local_tensor) for p in params]
             plans.append(plan)
-        return _GroupPlans(key, plans, stateless)
-
-    @staticmethod
-    def _bucket_backend(requested: str, device, sharded: bool) -> str:
-        """DTensor params (FSDP2's fully_shard, tensor parallel) have no storage
-        of their own for the fused kernels: they take the reference step, which
-        runs on DTensors with torch ops. An explicit fused backend raises."""
-        if not sharded:
-            return _backends.resolve(requested, device)
-        if requested not in ("auto", "reference"):
-            raise RuntimeError(f"fasttricks backend {requested!r} does not take DTensor parameters (FSDP2 / "
-                               "tensor parallel); use backend='auto' or 'reference'")
-        return "reference"
+        return _GroupPlans(key, plans, stateless, shards)
 
     def _normalise_state(self, p, state, master: bool) -> None:
         """State dtypes/devices as the kernels need them (after a checkpoint
@@ -218,21 +214,28 @@ class FusedOptimizerMixin:
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         grad_mul = self.grad_multiplier
-        groups = [(group, self._group_plans(group).buckets) for group in self.param_groups]
-        if len(groups) > 1 or len(groups[0][1]) > 1:
-            # A bad grad in a later plan must not leave the earlier ones stepped.
-            for _, plans in groups:
-                for plan in plans:
-                    plan.check()
-        avg_coef = sampler._begin_step() if sampler is not None else 0.0
+        entries = [self._group_plans(group) for group in self.param_groups]
+        shards = [pair for entry in entries for pair in entry.shards]
+        if shards:
+            _bind_shard_grads(shards)
         try:
-            for group, plans in groups:
-                for plan in plans:
-                    self._step_plan(plan, group, grad_mul, grad_scale, found_inf, avg_coef)
-        except BaseException:
-            if sampler is not None:  # the plans check before writing: nothing was stepped
-                sampler._cancel_step()
-            raise
+            if len(entries) > 1 or len(entries[0].buckets) > 1:
+                # A bad grad in a later plan must not leave the earlier ones stepped.
+                for entry in entries:
+                    for plan in entry.buckets:
+                        plan.check()
+            avg_coef = sampler._begin_step() if sampler is not None else 0.0
+            try:
+                for group, entry in zip(self.param_groups, entries):
+                    for plan in entry.buckets:
+                        self._step_plan(plan, group, grad_mul, grad_scale, found_inf, avg_coef)
+            except BaseException:
+                if sampler is not None:  # the plans check before writing: nothing was stepped
+                    sampler._cancel_step()
+                raise
+        finally:
+            for _, local in shards:  # the DTensor grads own these; do not keep them alive
+                local.grad = None
         if sampler is not None:
             sampler._end_step(avg_coef, found_inf)
         return loss
@@ -247,18 +250,29 @@ class FusedOptimizerMixin:
         raise RuntimeError("no torch.optim step to fall back to")
 
 
-def _is_dtensor(t) -> bool:
-    global _DTensor
-    if _DTensor is None:
-        try:
-            from torch.distributed.tensor import DTensor
-        except ImportError:  # torch built without distributed
-            DTensor = ()
-        _DTensor = DTensor
-    return bool(_DTensor) and isinstance(t, _DTensor)
+# NOTE [DTensor shards]
+# DTensor params (FSDP2's fully_shard, tensor parallel) keep each rank's piece
+# in a plain local tensor. The fused plans run on those: the state tensors are
+# DTensors laid out like their params, so local shards line up element for
+# element, and the step is elementwise. Each step binds the local grad to the
+# local param for the C++/device plans to read, after checking that the grad
+# is placed like its param (a Partial grad would need a reduction first). The
+# plans are rebuilt if a param's local tensor is ever replaced.
+
+def _bind_shard_grads(shards) -> None:
+    for p, local in shards:
+        g = p.grad
+        if g is None:
+            local.grad = None
+            continue
+        if not _is_dtensor(g) or g.placements != p.placements or g.device_mesh != p.device_mesh:
+            raise RuntimeError(
+                "fasttricks: a DTensor parameter's grad must be a DTensor placed like the parameter "
+                f"(param {p.placements}, grad {getattr(g, 'placements', type(g).__name__)}); "
+                "redistribute it or use backend='reference'")
+        local.grad = g._local_tensor
 
 
-_DTensor = None
 
 
 def _run_with_hooks(self, func, args, kwargs):
