@@ -7,12 +7,15 @@ t = on * (lam * onehot(y_a) + (1 - lam) * onehot(y_b)) + off, with sum(t) = 1, s
     dCE_i/dz_i = softmax(z_i) - t_i
 
 Both are computed from per-row scalars and two gathers: no B x C target is
-built, forward or backward (the gradient itself is B x C, as any loss's).
+built, forward or backward (the gradient itself is B x C, as any loss's). On
+the CPU the C++ kernels (csrc/cpu/soft_ce.cpp) allocate no B x C buffer in the
+forward at all.
 """
 from __future__ import annotations
 
 import torch
 
+from fasttricks import _backends
 from fasttricks.mixup import MixedTarget
 
 __all__ = ["soft_target_cross_entropy", "distillation_loss"]
@@ -28,16 +31,31 @@ def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
+def _cpu_kernel(logits: torch.Tensor):
+    """The C++ kernels (csrc/cpu/soft_ce.cpp) for CPU logits they take, else None."""
+    if logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    return _backends.cpu_ext()
+
+
 class _FactoredSoftTargetCE(torch.autograd.Function):
+    """On the CPU with the extension: one pass per row, no B x C buffer in the
+    forward, the gradient written straight into its output. Elsewhere: the
+    same formula in torch ops (the forward's logsumexp keeps one B x C temporary)."""
+
     @staticmethod
     def forward(ctx, logits, y_a, y_b, lam, on, off):
-        z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-        lse = torch.logsumexp(z, dim=1)
-        mixed = lam.to(z.dtype) * z.gather(1, y_a[:, None]).squeeze(1) + \
-            (1 - lam.to(z.dtype)) * z.gather(1, y_b[:, None]).squeeze(1)
-        loss = lse - on * mixed
-        if off != 0:
-            loss = loss - off * z.sum(dim=1)
+        ext = _cpu_kernel(logits)
+        if ext is not None:
+            loss, lse = ext.soft_ce_forward(logits, y_a, y_b, lam.float(), on, off)
+        else:
+            z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+            lse = torch.logsumexp(z, dim=1)
+            mixed = lam.to(z.dtype) * z.gather(1, y_a[:, None]).squeeze(1) + \
+                (1 - lam.to(z.dtype)) * z.gather(1, y_b[:, None]).squeeze(1)
+            loss = lse - on * mixed
+            if off != 0:
+                loss = loss - off * z.sum(dim=1)
         ctx.save_for_backward(logits, lse, y_a, y_b, lam)
         ctx.on, ctx.off = on, off
         return loss
@@ -45,6 +63,10 @@ class _FactoredSoftTargetCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         logits, lse, y_a, y_b, lam = ctx.saved_tensors
+        ext = _cpu_kernel(logits)
+        if ext is not None:
+            return ext.soft_ce_backward(logits, lse, y_a, y_b, lam.float(), grad_loss, ctx.on, ctx.off), \
+                None, None, None, None, None
         z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
         g = grad_loss.to(z.dtype)
         grad = torch.exp(z - lse[:, None])            # softmax, in a fresh buffer that becomes the gradient

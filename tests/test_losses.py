@@ -88,3 +88,47 @@ def test_bad_input():
         soft_target_cross_entropy(logits, target(), reduction="max")
     with pytest.raises(ValueError, match="label smoothing"):
         target(smoothing=1.0)
+
+
+@pytest.mark.parametrize("C", [11, 37, 1000])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cpu_kernel_fp32_equals_dense(C, smoothing):
+    """The C++ kernel (fp32 CPU logits): loss and gradient equal the dense
+    soft-target CE; rows whose two classes coincide included."""
+    t = target(B=9, C=C, smoothing=smoothing)
+    t.y_b[:3] = t.y_a[:3]
+    logits = (torch.randn(9, C) * 3).requires_grad_()
+    ours = soft_target_cross_entropy(logits, t, reduction="none")
+    ref = -(t.dense(torch.float32) * torch.log_softmax(logits, 1)).sum(1)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    w = torch.randn(9)
+    torch.testing.assert_close(torch.autograd.grad((ours * w).sum(), logits)[0],
+                               torch.autograd.grad((ref * w).sum(), logits)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_kernel_equals_the_torch_ops_path(dtype, monkeypatch):
+    """The C++ kernel and the torch-ops path (GPUs, fp64) give the same loss and
+    gradient, to a rounding of the dtype."""
+    from fasttricks import losses
+
+    t = target(B=6, C=300, smoothing=0.1)
+    logits = torch.randn(6, 300).to(dtype)
+    results = []
+    for kernel in (True, False):
+        if not kernel:
+            monkeypatch.setattr(losses, "_cpu_kernel", lambda logits: None)
+        z = logits.clone().requires_grad_()
+        loss = soft_target_cross_entropy(z, t)
+        results.append((loss.detach(), torch.autograd.grad(loss, z)[0]))
+    (l1, g1), (l2, g2) = results
+    assert g1.dtype == dtype
+    tol = dict(rtol=torch.finfo(dtype).eps * 4, atol=torch.finfo(dtype).eps * 4 / 300)
+    torch.testing.assert_close(l1.float(), l2.float(), **tol)
+    torch.testing.assert_close(g1.float(), g2.float(), **tol)
+
+
+def test_cpu_kernel_rejects_out_of_range_classes():
+    t = MixedTarget(torch.tensor([0, 11]), torch.tensor([1, 2]), torch.rand(2), 11)
+    with pytest.raises(IndexError, match="out of range"):
+        soft_target_cross_entropy(torch.randn(2, 11), t)

@@ -10,6 +10,12 @@ namespace fasttricks {
 namespace cpu {
 void mixup_blend_rows(const at::Tensor& x, const at::Tensor& out, const at::Tensor& lam,
                       const std::optional<at::Tensor>& perm);
+std::tuple<at::Tensor, at::Tensor> soft_ce_forward(const at::Tensor& logits, const at::Tensor& y_a,
+                                                   const at::Tensor& y_b, const at::Tensor& lam, double on,
+                                                   double off);
+at::Tensor soft_ce_backward(const at::Tensor& logits, const at::Tensor& lse, const at::Tensor& y_a,
+                            const at::Tensor& y_b, const at::Tensor& lam, const at::Tensor& grad_loss,
+                            double on, double off);
 }  // namespace cpu
 }  // namespace fasttricks
 
@@ -29,6 +35,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("perm") = py::none(),
         "Mixup blend of [B, D] rows: flip pairing (perm=None, may be in place; an odd middle row is not written) "
         "or a permutation");
+
+  m.def("soft_ce_forward", &ftc::soft_ce_forward, py::arg("logits"), py::arg("y_a"), py::arg("y_b"),
+        py::arg("lam"), py::arg("on"), py::arg("off"),
+        "Cross-entropy against a factored mixup target: (loss[B], lse[B]) in float32, no B x C buffer");
+  m.def("soft_ce_backward", &ftc::soft_ce_backward, py::arg("logits"), py::arg("lse"), py::arg("y_a"),
+        py::arg("y_b"), py::arg("lam"), py::arg("grad_loss"), py::arg("on"), py::arg("off"),
+        "Its gradient with respect to the logits, in their dtype");
 
   py::class_<ftc::AdamPlan>(m, "AdamPlan", py::dynamic_attr())
       .def(py::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
