@@ -259,6 +259,7 @@ class FusedOptimizerMixin:
 # is placed like its param (a Partial grad would need a reduction first). The
 # plans are rebuilt if a param's local tensor is ever replaced.
 
+
 def _bind_shard_grads(shards) -> None:
     for p, local in shards:
         g = p.grad
@@ -271,8 +272,6 @@ def _bind_shard_grads(shards) -> None:
                 f"(param {p.placements}, grad {getattr(g, 'placements', type(g).__name__)}); "
                 "redistribute it or use backend='reference'")
         local.grad = g._local_tensor
-
-
 
 
 def _run_with_hooks(self, func, args, kwargs):
