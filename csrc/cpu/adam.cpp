@@ -29,8 +29,8 @@ void adam_kernel(const std::vector<AdamPtrs<P, S, typename OpMath<S>::type>>& pt
   using O = typename OpMath<S>::type;
   constexpr int64_t kUnit = SIO::kUnit;
 
-  // U units per iteration: all loads before any store, so more lines are in
-  // flight (a store may alias a later load, which the compiler must respect).
+  // U units per call (for_units): all loads before any store, so more lines
+  // are in flight (a store may alias a later load, which the compiler must respect).
   auto units = [&](const auto& t, const AdamCoefs<O>& c, int64_t i, int64_t n, auto u_tag) {
     constexpr int U = decltype(u_tag)::value;
     OVec w[2 * U], g[2 * U], m[2 * U], v[2 * U], x[2 * U];
@@ -61,22 +61,14 @@ void adam_kernel(const std::vector<AdamPtrs<P, S, typename OpMath<S>::type>>& pt
       if constexpr (AMSGRAD) SIO::store(t.max_exp_avg_sq + j, n, x[2 * u], x[2 * u + 1]);
       if constexpr (MASTER) SIO::store(t.master + j, n, w[2 * u], w[2 * u + 1]);
       PIO::store(t.param + j, n, w[2 * u], w[2 * u + 1]);
-      if constexpr (AVERAGE) {
-        OVec a0, a1;
-        SIO::load(t.avg + j, n, a0, a1);
-        average_update(a0, w[2 * u], avg_coef);
-        average_update(a1, w[2 * u + 1], avg_coef);
-        SIO::store(t.avg + j, n, a0, a1);
-      }
+      if constexpr (AVERAGE) SIO::lerp_average(t.avg + j, n, w[2 * u], w[2 * u + 1], avg_coef);
     }
   };
 
   run_chunks(numels, [&](const Chunk& ch) {
     const auto& t = ptrs[ch.tensor];
     const auto& c = *t.coefs;
-    int64_t i = ch.begin;
-    for (; i + 2 * kUnit <= ch.end; i += 2 * kUnit) units(t, c, i, kUnit, std::integral_constant<int, 2>{});
-    for (; i < ch.end; i += kUnit) units(t, c, i, std::min(kUnit, ch.end - i), std::integral_constant<int, 1>{});
+    for_units<kUnit>(ch, [&](int64_t i, int64_t n, auto u_tag) { units(t, c, i, n, u_tag); });
   });
 }
 

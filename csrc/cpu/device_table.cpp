@@ -69,11 +69,7 @@ void DeviceTable::refresh() {
 }
 
 void DeviceTable::check_grad(const at::Tensor& p, const at::Tensor& g) const {
-  TORCH_CHECK(!g.is_sparse(), op_, " does not support sparse gradients; use torch.optim.SparseAdam or a dense gradient");
-  TORCH_CHECK_TYPE(g.scalar_type() == p.scalar_type(), op_, ": gradient dtype ", g.scalar_type(),
-                   " differs from parameter dtype ", p.scalar_type());
-  TORCH_CHECK(same_ints(g.sizes(), p.sizes()), op_, ": gradient shape ", g.sizes(),
-              " differs from parameter shape ", p.sizes());
+  check_grad_like_param(op_.c_str(), p, g);
   TORCH_CHECK(g.device() == p.device(), op_, ": gradient on ", g.device(), ", parameter on ", p.device());
   TORCH_CHECK_TYPE(p.scalar_type() == param_dtype_, op_, ": parameter dtype changed from ", param_dtype_,
                    " to ", p.scalar_type(), " after the optimizer state was created");
@@ -111,10 +107,7 @@ DeviceTable::Packed DeviceTable::gather() {
     for (int64_t r = 0; r < n_state_rows_; ++r) {
       if (rows_[r].empty()) continue;
       const at::Tensor& t = rows_[r][i];
-      TORCH_CHECK_TYPE(t.scalar_type() == state_dtype_, op_, ": optimizer state dtype ", t.scalar_type(),
-                       " differs from the expected ", state_dtype_);
-      TORCH_CHECK(same_ints(t.sizes(), p.sizes()), op_, ": optimizer state shape ", t.sizes(),
-                  " differs from parameter shape ", p.sizes());
+      check_state_like_param(op_.c_str(), "optimizer state", t, p, state_dtype_);
       TORCH_CHECK(t.device() == p.device(), op_, ": optimizer state on ", t.device(), ", parameter on ",
                   p.device());
     }

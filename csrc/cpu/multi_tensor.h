@@ -11,6 +11,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "fasttricks/common.h"
+
 #include <algorithm>
 #include <atomic>
 #include <string>
@@ -71,6 +73,15 @@ struct VecIO {
   static inline void prefetch(const S* p) {
     const char* c = reinterpret_cast<const char*>(p) + kPrefetchBytes;
     for (int64_t b = 0; b < kUnit * int64_t(sizeof(S)); b += 64) __builtin_prefetch(c + b, 0, 2);
+  }
+
+  // NOTE [weight averaging lerp]: avg[0, n) <- avg + c (w - avg), w given as two vectors.
+  static inline void lerp_average(S* avg, int64_t n, const OVec& w0, const OVec& w1, O coef) {
+    OVec a0, a1;
+    load(avg, n, a0, a1);
+    average_update(a0, w0, coef);
+    average_update(a1, w1, coef);
+    store(avg, n, a0, a1);
   }
 
   static inline void store(S* p, int64_t n, const OVec& a, const OVec& b) {
@@ -139,6 +150,17 @@ void run_chunks(const std::vector<int64_t>& numels, const F& fn) {
       run(b * kBlockUnits, std::min(units, (b + 1) * kBlockUnits));
     }
   });
+}
+
+// One chunk of a kernel, two vector units of kUnit elements per call while
+// they fit (the kernels issue both units' loads before any store, so more
+// lines are in flight), then single units for the tail:
+// f(first element, elements per unit, std::integral_constant<int, units>).
+template <int64_t kUnit, typename F>
+inline void for_units(const Chunk& ch, const F& f) {
+  int64_t i = ch.begin;
+  for (; i + 2 * kUnit <= ch.end; i += 2 * kUnit) f(i, kUnit, std::integral_constant<int, 2>{});
+  for (; i < ch.end; i += kUnit) f(i, std::min(kUnit, ch.end - i), std::integral_constant<int, 1>{});
 }
 
 template <typename T> struct Tag { using type = T; };
@@ -219,6 +241,25 @@ struct Scratch {
   }
 };
 
+// The checks every backend makes of a grad, and of a state tensor, against its
+// param (the CPU plans and the device tables add their own device checks).
+inline void check_grad_like_param(const char* op, const at::Tensor& param, const at::Tensor& grad) {
+  TORCH_CHECK(!grad.is_sparse(), op,
+              " does not support sparse gradients; use torch.optim.SparseAdam or a dense gradient");
+  TORCH_CHECK_TYPE(grad.scalar_type() == param.scalar_type(), op, ": gradient dtype ",
+                   grad.scalar_type(), " differs from parameter dtype ", param.scalar_type());
+  TORCH_CHECK(same_ints(grad.sizes(), param.sizes()), op, ": gradient shape ", grad.sizes(),
+              " differs from parameter shape ", param.sizes());
+}
+
+inline void check_state_like_param(const char* op, const char* what, const at::Tensor& state,
+                                   const at::Tensor& param, at::ScalarType state_dtype) {
+  TORCH_CHECK_TYPE(state.scalar_type() == state_dtype, op, ": ", what, " dtype ", state.scalar_type(),
+                   " differs from the expected ", state_dtype);
+  TORCH_CHECK(same_ints(state.sizes(), param.sizes()), op, ": ", what, " shape ", state.sizes(),
+              " differs from parameter shape ", param.sizes());
+}
+
 // Validates one parameter's tensors (all of them before any step writes) and
 // returns the memory the kernel should touch.
 inline Gathered gather_one(const char* op, int64_t index, const at::Tensor& param,
@@ -228,16 +269,10 @@ inline Gathered gather_one(const char* op, int64_t index, const at::Tensor& para
               " does not support sparse gradients; use torch.optim.SparseAdam or a dense gradient");
   TORCH_CHECK(param.device().is_cpu() && grad.device().is_cpu(), op,
               ": the cpu backend needs CPU tensors, got a parameter on ", param.device());
-  TORCH_CHECK_TYPE(grad.scalar_type() == param.scalar_type(), op, ": gradient dtype ",
-                   grad.scalar_type(), " differs from parameter dtype ", param.scalar_type());
-  TORCH_CHECK(same_ints(grad.sizes(), param.sizes()), op, ": gradient shape ", grad.sizes(),
-              " differs from parameter shape ", param.sizes());
+  check_grad_like_param(op, param, grad);
   bool dense = param.is_non_overlapping_and_dense() && same_ints(grad.strides(), param.strides());
   auto check_state = [&](const at::Tensor& s, const char* what) {
-    TORCH_CHECK_TYPE(s.scalar_type() == state_dtype, op, ": ", what, " dtype ", s.scalar_type(),
-                     " differs from the expected ", state_dtype);
-    TORCH_CHECK(same_ints(s.sizes(), param.sizes()), op, ": ", what, " shape ", s.sizes(),
-                " differs from parameter shape ", param.sizes());
+    check_state_like_param(op, what, s, param, state_dtype);
     dense = dense && same_ints(s.strides(), param.strides());
   };
   for (int k = 0; k < n_slots; ++k) {

@@ -25,7 +25,7 @@ void sgd_kernel(const std::vector<SgdPtrs<P, S>>& ptrs, const std::vector<int64_
   constexpr bool MASTER = !std::is_same_v<P, S>;
   constexpr int64_t kUnit = SIO::kUnit;
 
-  // Two units per iteration, all loads before any store (see adam.cpp).
+  // U units per call (for_units), all loads before any store (see adam.cpp).
   auto units = [&](const SgdPtrs<P, S>& t, int64_t i, int64_t n, auto u_tag) {
     constexpr int U = decltype(u_tag)::value;
     OVec w[2 * U], g[2 * U], b[2 * U];
@@ -52,21 +52,13 @@ void sgd_kernel(const std::vector<SgdPtrs<P, S>>& ptrs, const std::vector<int64_
       if constexpr (MOMENTUM) SIO::store(t.buf + j, n, b[2 * u], b[2 * u + 1]);
       if constexpr (MASTER) SIO::store(t.master + j, n, w[2 * u], w[2 * u + 1]);
       PIO::store(t.param + j, n, w[2 * u], w[2 * u + 1]);
-      if constexpr (AVERAGE) {
-        OVec a0, a1;
-        SIO::load(t.avg + j, n, a0, a1);
-        average_update(a0, w[2 * u], avg_coef);
-        average_update(a1, w[2 * u + 1], avg_coef);
-        SIO::store(t.avg + j, n, a0, a1);
-      }
+      if constexpr (AVERAGE) SIO::lerp_average(t.avg + j, n, w[2 * u], w[2 * u + 1], avg_coef);
     }
   };
 
   run_chunks(numels, [&](const Chunk& ch) {
     const auto& t = ptrs[ch.tensor];
-    int64_t i = ch.begin;
-    for (; i + 2 * kUnit <= ch.end; i += 2 * kUnit) units(t, i, kUnit, std::integral_constant<int, 2>{});
-    for (; i < ch.end; i += kUnit) units(t, i, std::min(kUnit, ch.end - i), std::integral_constant<int, 1>{});
+    for_units<kUnit>(ch, [&](int64_t i, int64_t n, auto u_tag) { units(t, i, n, u_tag); });
   });
 }
 
