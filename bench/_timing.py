@@ -19,8 +19,11 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def compare(fns: dict, *, device="cpu", warmup=3, iters=10) -> dict[str, float]:
-    """Median seconds per call of each fn, run in rotating order each round."""
+def compare(fns: dict, *, device="cpu", warmup=3, iters=10, block=1) -> dict[str, float]:
+    """Median seconds per call of each fn, run in rotating order each round,
+    `block` calls in a row per fn and round. With block=1 each call follows
+    another fn's (cold caches for host-bound calls); a larger block gives the
+    host overhead of a step in a loop, where a call finds its own objects in cache."""
     names = list(fns)
     for _ in range(warmup):
         for n in names:
@@ -28,28 +31,6 @@ def compare(fns: dict, *, device="cpu", warmup=3, iters=10) -> dict[str, float]:
     sync(device)
     times = {n: [] for n in names}
     for r in range(iters):
-        order = names[r % len(names):] + names[: r % len(names)]
-        if r % 2:
-            order = order[::-1]
-        for n in order:
-            sync(device)
-            t0 = time.perf_counter()
-            fns[n]()
-            sync(device)
-            times[n].append(time.perf_counter() - t0)
-    return {n: statistics.median(t) for n, t in times.items()}
-
-
-def compare_blocks(fns: dict, *, device="cpu", block=50, rounds=10) -> dict[str, float]:
-    """Median seconds per call, each fn called `block` times in a row per
-    round, the fns' order rotating between rounds. Unlike `compare`, a call
-    here mostly finds its own objects in cache: the host overhead of a step
-    in a loop, where `compare` gives it after another optimizer's step."""
-    names = list(fns)
-    for n in names:
-        fns[n]()
-    times = {n: [] for n in names}
-    for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         if r % 2:
             order = order[::-1]

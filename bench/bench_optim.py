@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import ceiling_gbps, compare, compare_blocks, print_table, write_rows  # noqa: E402
+from _timing import ceiling_gbps, compare, print_table, write_rows  # noqa: E402
 
 import fasttricks.optim as fo  # noqa: E402
 
@@ -111,7 +111,7 @@ def main(argv=None):
                 continue
             fns = {name: factory(shapes) for name, factory in impls.items()}
             times = compare(fns, device=device, iters=args.iters if set_name != "161_tiny" else 100, warmup=3)
-            warm = compare_blocks(fns, device=device) if set_name == "161_tiny" else {}
+            warm = compare(fns, device=device, warmup=1, iters=10, block=50) if set_name == "161_tiny" else {}
             peer = "torch_fused" if "torch_fused" in times else "torch_upcast_fused"
             for impl, t in times.items():
                 row = {"case": case, "shapes": set_name, "tensors": len(shapes), "params_M": numel / 1e6,

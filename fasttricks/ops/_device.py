@@ -107,6 +107,10 @@ class DevicePlan(PlanBase):
             torch._foreach_add_(self._last_steps, 1.0)
         return len(index), tables, writeback, rows["grad"]
 
+    def on_device(self, scalar: torch.Tensor | None) -> torch.Tensor | None:
+        """found_inf / grad_scale as the kernels read them: float32 on the plan's device."""
+        return None if scalar is None else scalar.to(device=self.device, dtype=torch.float32)
+
     def unbump_steps(self, found_inf: torch.Tensor) -> None:
         """NOTE [found_inf contract]: the last step takes its count back, on the device."""
         table = self._table()

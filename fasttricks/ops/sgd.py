@@ -107,10 +107,7 @@ class DeviceSgdPlan(DevicePlan):
         n, tables, writeback, keep = self.pack()
         if not n:
             return 0
-        if found_inf is not None:
-            found_inf = found_inf.to(device=self.device, dtype=torch.float32)
-        if grad_scale is not None:
-            grad_scale = grad_scale.to(device=self.device, dtype=torch.float32)
+        found_inf, grad_scale = self.on_device(found_inf), self.on_device(grad_scale)
         self.launch(tables, param_dtype=self.param_dtype, state_dtype=self.state_dtype, lr=lr,
                     weight_decay=weight_decay, momentum=momentum, dampening=dampening,
                     grad_mul=grad_mul * (-1.0 if maximize else 1.0), grad_scale=grad_scale,
