@@ -1,12 +1,18 @@
 """Builds the optional extensions; everything else is in pyproject.toml.
 
-fasttricks._C       CPU kernels, whenever torch is importable at build time.
-fasttricks._C_cuda  CUDA kernels, only where torch has CUDA and CUDA_HOME exists.
-A missing toolchain never fails the install: the package then runs on the
-reference (and Triton) backends and ``fasttricks.backends()`` says why.
+fasttricks._C, _C_avx2, _C_avx512   the CPU kernels, once per ISA (whenever torch is
+                                    importable); fasttricks._backends picks one at import
+                                    from the running CPU, as ATen does (docs/install.md).
+fasttricks._C_cuda                  CUDA kernels, only where torch has CUDA, nvcc is found,
+                                    its major version matches torch's and an arch list is known.
+Nothing about CUDA fails the install: a CUDA extension that cannot build is skipped with
+one line on stderr, and `fasttricks.backends()` says why (the reason is written into
+fasttricks/_build_info.py). A wheel never carries code for the builder's ISA alone.
 """
 import glob
 import os
+import re
+import subprocess
 import sys
 
 from setuptools import setup
@@ -14,28 +20,71 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 INCLUDE = [os.path.join(ROOT, "csrc", "include")]
 
+# ATen's vector types pick their ISA from CPU_CAPABILITY_*. The baseline module (no
+# define) is plain x86-64 / aarch64 code and runs everywhere.
+CPU_ISAS = {
+    "default": ("fasttricks._C", []),
+    "avx2": ("fasttricks._C_avx2", ["-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]),
+    "avx512": ("fasttricks._C_avx512", ["-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
+                                        "-mavx512dq", "-mfma"]),
+}
 
-def cpu_simd_flags():
-    """ATen's vector types pick their ISA from CPU_CAPABILITY_*; we build for the
-    best one this machine has (override with FASTTRICKS_CPU_SIMD=avx512|avx2|default)."""
-    choice = os.environ.get("FASTTRICKS_CPU_SIMD")
-    if choice is None:
+
+def cpu_isas():
+    """The ISAs to build: all three on x86-64 (FASTTRICKS_CPU_ISAS=default,avx2 builds fewer)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ["default"]
+    names = os.environ.get("FASTTRICKS_CPU_ISAS", "default,avx2,avx512").split(",")
+    unknown = [n for n in names if n not in CPU_ISAS]
+    if unknown or "default" not in names:
+        raise SystemExit(f"FASTTRICKS_CPU_ISAS must list 'default' and only {sorted(CPU_ISAS)}, got {names}")
+    return names
+
+
+def cuda_skip_reason(torch, cpp_extension):
+    """None when the CUDA extension can build here, else why not (one line)."""
+    if not torch.version.cuda:
+        return f"torch {torch.__version__} has no CUDA"
+    if os.environ.get("FASTTRICKS_NO_CUDA") == "1":
+        return "FASTTRICKS_NO_CUDA=1"
+    home = cpp_extension.CUDA_HOME
+    nvcc = os.path.join(home, "bin", "nvcc") if home else None
+    if not nvcc or not os.path.exists(nvcc):
+        return "nvcc not found (set CUDA_HOME)"
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"{nvcc} --version failed: {exc}"
+    found = re.search(r"release (\d+)\.(\d+)", out)
+    if not found:
+        return f"cannot read the version of {nvcc}"
+    if found.group(1) != torch.version.cuda.split(".")[0]:
+        return f"nvcc is CUDA {found.group(1)}.{found.group(2)} but torch was built with CUDA {torch.version.cuda}"
+    headers = ("cuda_runtime.h", "cuda_bf16.h", "cuda_fp16.h")
+    include = os.path.join(home, "include")
+    missing = [h for h in headers if not os.path.exists(os.path.join(include, h))]
+    if missing:
+        return f"CUDA headers missing in {include}: {', '.join(missing)}"
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        # torch derives the list from the visible GPUs and fails without one.
         try:
-            with open("/proc/cpuinfo") as f:
-                flags = set(next(line for line in f if line.startswith("flags")).split())
-        except (OSError, StopIteration):
-            flags = set()
-        if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags:
-            choice = "avx512"
-        elif {"avx2", "fma", "f16c"} <= flags:
-            choice = "avx2"
-        else:
-            choice = "default"
-    return {
-        "avx512": ["-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
-        "avx2": ["-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
-        "default": [],
-    }[choice]
+            visible = torch.cuda.is_available() and torch.cuda.device_count() > 0
+        except Exception:  # a driver that cannot be queried
+            visible = False
+        if not visible:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+            print("fasttricks: no GPU visible; building CUDA kernels for TORCH_CUDA_ARCH_LIST=8.0;9.0",
+                  file=sys.stderr)
+    return None
+
+
+def write_build_info(info: dict, folder: str = os.path.join(ROOT, "fasttricks")) -> None:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "_build_info.py"), "w") as f:
+        f.write('"""Written by setup.py at build time: what was built and what was skipped."""\n')
+        f.write(f"BUILD = {info!r}\n")
 
 
 def extensions():
@@ -44,28 +93,51 @@ def extensions():
         from torch.utils import cpp_extension
     except ImportError:
         print("fasttricks: torch not importable at build time; building no extension", file=sys.stderr)
+        write_build_info({"cpu_isas": [], "cuda": "torch was not importable at build time"})
         return [], {}
+    isas = cpu_isas()
     exts = [
         cpp_extension.CppExtension(
-            "fasttricks._C",
+            CPU_ISAS[isa][0],
             sorted(glob.glob("csrc/cpu/*.cpp")),
             include_dirs=INCLUDE,
             # -fopenmp: at::parallel_for is inlined here; it links torch's own libgomp.
-            extra_compile_args=["-O3", "-fopenmp", "-std=c++17", *cpu_simd_flags()],
+            extra_compile_args=["-O3", "-fopenmp", "-std=c++17", *CPU_ISAS[isa][1]],
             extra_link_args=["-fopenmp"],
         )
+        for isa in isas
     ]
-    if torch.version.cuda and cpp_extension.CUDA_HOME:
+    skip = cuda_skip_reason(torch, cpp_extension)
+    if skip is None:
         exts.append(
             cpp_extension.CUDAExtension(
                 "fasttricks._C_cuda",
                 sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu")),
                 include_dirs=INCLUDE,
-                extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+                # No --use_fast_math: IEEE sqrt/division and denormals, as torch and the
+                # other backends (docs/precision.md); the kernels are memory-bound anyway.
+                extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17"]},
             )
         )
-    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
-    return exts, {"build_ext": build_ext}
+    else:
+        print(f"fasttricks: skipping the CUDA extension: {skip}", file=sys.stderr)
+    info = {"cpu_isas": isas, "cuda": "built" if skip is None else skip}
+    write_build_info(info)
+
+    class BuildExt(cpp_extension.BuildExtension):
+        """A CUDA extension that fails to compile or link is dropped, not fatal."""
+
+        def build_extension(self, ext):
+            if not ext.name.endswith("_C_cuda"):
+                return super().build_extension(ext)
+            try:
+                return super().build_extension(ext)
+            except Exception as exc:  # compiler or linker errors: the CPU side still installs
+                reason = f"building the CUDA extension failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                print(f"fasttricks: {reason}", file=sys.stderr)
+                write_build_info({**info, "cuda": reason}, os.path.join(self.build_lib, "fasttricks"))
+
+    return exts, {"build_ext": BuildExt.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = extensions()

@@ -28,15 +28,67 @@ def _load(name: str, module: str):
     return _loaded.get(name)
 
 
+# The CPU kernels are built once per ISA (setup.py); the best one the running CPU
+# supports loads, as ATen picks its own kernels. FASTTRICKS_CPU_ISA forces a lower one.
+CPU_ISA_MODULES = {"default": "fasttricks._C", "avx2": "fasttricks._C_avx2", "avx512": "fasttricks._C_avx512"}
+CPU_ISA_ORDER = ("default", "avx2", "avx512")
+
+
+def build_info() -> dict:
+    """What setup.py built and skipped ({} for a checkout that was never built)."""
+    try:
+        from fasttricks._build_info import BUILD
+    except ImportError:
+        return {}
+    return dict(BUILD)
+
+
+def cpu_isa_supported() -> str:
+    """The best ISA of CPU_ISA_ORDER this CPU runs, as ATen detects it."""
+    try:
+        cap = torch.backends.cpu.get_cpu_capability().lower()
+    except Exception:  # an old torch, or a CPU ATen does not know
+        return "default"
+    # ATEN_CPU_CAPABILITY lowers ATen's answer too; "avx512_vnni"-style answers count as avx512.
+    for isa in reversed(CPU_ISA_ORDER):
+        if cap.startswith(isa):
+            return isa
+    return "default"
+
+
+def cpu_isa_choice() -> str:
+    """The ISA whose module cpu_ext() loads: the best supported, or FASTTRICKS_CPU_ISA if lower."""
+    best = cpu_isa_supported()
+    forced = os.environ.get("FASTTRICKS_CPU_ISA")
+    if not forced:
+        return best
+    if forced not in CPU_ISA_ORDER:
+        raise ValueError(f"FASTTRICKS_CPU_ISA must be one of {CPU_ISA_ORDER}, got {forced!r}")
+    if CPU_ISA_ORDER.index(forced) > CPU_ISA_ORDER.index(best):
+        raise ValueError(f"FASTTRICKS_CPU_ISA={forced} but this CPU supports at most {best}")
+    return forced
+
+
 def cpu_ext():
-    """The CPU extension module, or None."""
-    return _load("cpu", "fasttricks._C")
+    """The CPU extension module for this CPU's ISA, or None. A wheel built with fewer
+    ISAs (FASTTRICKS_CPU_ISAS at build time) falls back to the best one it has."""
+    if "cpu" not in _loaded and "cpu" not in _why_not:
+        choice = cpu_isa_choice()
+        for isa in reversed(CPU_ISA_ORDER[: CPU_ISA_ORDER.index(choice) + 1]):
+            if importlib.util.find_spec(CPU_ISA_MODULES[isa]) is not None:
+                return _load("cpu", CPU_ISA_MODULES[isa])
+        _why_not["cpu"] = "fasttricks._C was not built (torch was not importable when the package was built)"
+    return _loaded.get("cpu")
 
 
 def cuda_ext():
     """The CUDA extension module, or None (never imported on a CPU build of torch)."""
     if not torch.version.cuda:
         _why_not.setdefault("cuda", f"torch {torch.__version__} has no CUDA")
+        return None
+    built = build_info().get("cuda")
+    if built not in (None, "built"):
+        _why_not.setdefault("cuda", f"not built: {built}")
         return None
     return _load("cuda", "fasttricks._C_cuda")
 
@@ -99,7 +151,7 @@ def backends() -> dict[str, dict[str, object]]:
     cpu, cuda, tri = cpu_ext(), cuda_ext(), triton_kernels()
     report = {"reference": {"available": True, "detail": f"torch {torch.__version__}"}}
     report["cpu"] = {"available": cpu is not None,
-                     "detail": f"simd={cpu.simd}, threads={torch.get_num_threads()}" if cpu else _why_not.get("cpu", "")}
+                     "detail": f"simd={cpu.simd} (cpu supports {cpu_isa_supported()}), threads={torch.get_num_threads()}" if cpu else _why_not.get("cpu", "")}
     if tri is not None:
         import triton
 

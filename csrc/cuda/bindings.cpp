@@ -1,6 +1,6 @@
 // torch binding of the CUDA kernels (fasttricks._C_cuda). Built only where
 // torch has CUDA; the kernels themselves are in optim_kernels.cu.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
@@ -47,7 +47,7 @@ void adam_step(const at::Tensor& ptrs, const at::Tensor& numels, const at::Tenso
                   float(grad_mul), float(avg_coef), opt_ptr(grad_scale), opt_ptr(found_inf), amsgrad,
                   decoupled, average, to_dtype(param_dtype), to_dtype(state_dtype)};
   const auto err = ftc::launch_adam(make_tables(ptrs, numels, chunk_tensor, chunk_start, n_tensors), a,
-                                    at::cuda::getCurrentCUDAStream());
+                                    c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "fasttricks adam kernel: ", cudaGetErrorString(err));
 }
 
@@ -62,7 +62,7 @@ void sgd_step(const at::Tensor& ptrs, const at::Tensor& numels, const at::Tensor
                  float(grad_mul), float(avg_coef), opt_ptr(grad_scale), opt_ptr(found_inf), momentum != 0.0,
                  nesterov, decoupled, average, to_dtype(param_dtype), to_dtype(state_dtype)};
   const auto err = ftc::launch_sgd(make_tables(ptrs, numels, chunk_tensor, chunk_start, n_tensors), a,
-                                   at::cuda::getCurrentCUDAStream());
+                                   c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "fasttricks sgd kernel: ", cudaGetErrorString(err));
 }
 
@@ -77,7 +77,7 @@ void mixup_blend_rows(const at::Tensor& x, const at::Tensor& out, const at::Tens
   const c10::cuda::CUDAGuard guard(x.device());
   const auto err = ftc::launch_mixup(x.data_ptr(), out.data_ptr(), lam.data_ptr<float>(),
                                      perm.has_value() ? perm->data_ptr<int64_t>() : nullptr, x.size(0), x.size(1),
-                                     to_dtype(x.scalar_type()), at::cuda::getCurrentCUDAStream());
+                                     to_dtype(x.scalar_type()), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "fasttricks mixup kernel: ", cudaGetErrorString(err));
 }
 
