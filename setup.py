@@ -2,7 +2,7 @@
 
 fasttricks._C, _C_avx2, _C_avx512   the CPU kernels, once per ISA (whenever torch is
                                     importable); fasttricks._backends picks one at import
-                                    from the running CPU, as ATen does (docs/install.md).
+                                    from the running CPU, as ATen does (README, "Two commands").
 fasttricks._C_cuda                  CUDA kernels, only where torch has CUDA, nvcc is found,
                                     its major version matches torch's and an arch list is known.
 Nothing about CUDA fails the install: a CUDA extension that cannot build is skipped with
