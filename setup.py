@@ -128,11 +128,11 @@ def extensions():
         """A CUDA extension that fails to compile or link is dropped, not fatal."""
 
         def build_extension(self, ext):
-            if not ext.name.endswith("_C_cuda"):
-                return super().build_extension(ext)
             try:
                 return super().build_extension(ext)
             except Exception as exc:  # compiler or linker errors: the CPU side still installs
+                if not ext.name.endswith("_C_cuda"):
+                    raise
                 reason = f"building the CUDA extension failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                 print(f"fasttricks: {reason}", file=sys.stderr)
                 write_build_info({**info, "cuda": reason}, os.path.join(self.build_lib, "fasttricks"))

@@ -31,7 +31,7 @@ def _load(name: str, module: str):
 # The CPU kernels are built once per ISA (setup.py); the best one the running CPU
 # supports loads, as ATen picks its own kernels. FASTTRICKS_CPU_ISA forces a lower one.
 CPU_ISA_MODULES = {"default": "fasttricks._C", "avx2": "fasttricks._C_avx2", "avx512": "fasttricks._C_avx512"}
-CPU_ISA_ORDER = ("default", "avx2", "avx512")
+CPU_ISA_ORDER = tuple(CPU_ISA_MODULES)  # lowest first
 
 
 def build_info() -> dict:
