@@ -8,3 +8,7 @@ TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64,
 # Names of the same types in triton.compile signatures (ahead-of-time checks).
 SIG_DTYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16",
               torch.uint8: "u8"}
+# (param dtype, state dtype) pairs the optimizer kernels serve; state != param
+# means fp32 master weights.
+STATE_PAIRS = ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+               (torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float64, torch.float64))

@@ -5,15 +5,16 @@ import triton.language as tl
 
 BLOCK = 1024
 
-_dummies: dict = {}
+_constants: dict = {}
 
 
-def dummy(device) -> torch.Tensor:
-    """A float32 tensor to pass where a pointer argument is switched off."""
-    key = str(device)
-    if key not in _dummies:
-        _dummies[key] = torch.zeros(1, dtype=torch.float32, device=device)
-    return _dummies[key]
+def constant(device, value: float = 0.0) -> torch.Tensor:
+    """A one-element float32 tensor holding `value`, passed where an optional
+    pointer argument is absent: found_inf 0, grad_scale 1, an unused lr."""
+    key = (str(device), value)
+    if key not in _constants:
+        _constants[key] = torch.full((1,), value, dtype=torch.float32, device=device)
+    return _constants[key]
 
 
 @triton.jit
@@ -84,22 +85,20 @@ def div_ieee(a, b, MATH_DTYPE: tl.constexpr):
 
 @triton.jit
 def chunk_prologue(chunk_tensor_ptr, chunk_start_ptr, numels_ptr, lr, lr_ptr, grad_mul, grad_scale_ptr,
-                   found_inf_ptr, MATH_DTYPE: tl.constexpr, LR_IS_TENSOR: tl.constexpr,
-                   HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr):
+                   found_inf_ptr, MATH_DTYPE: tl.constexpr, LR_IS_TENSOR: tl.constexpr):
     """What every optimizer program starts with: its tensor, chunk start and
     element count (0 when found_inf is set: NOTE [found_inf contract]), the
-    lr and the gradient multiplier (1 / grad_scale folded in)."""
+    lr and the gradient multiplier (1 / grad_scale folded in). found_inf and
+    grad_scale are always read (a 0 and a 1 when the step has none): two
+    scalar loads per program instead of four times the kernel variants."""
     pid = tl.program_id(0)
     t = tl.load(chunk_tensor_ptr + pid)
     start = tl.load(chunk_start_ptr + pid)
     numel = tl.load(numels_ptr + t)
-    if HAS_FOUND_INF:
-        numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)
+    numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)
     if LR_IS_TENSOR:
         lr = tl.load(lr_ptr).to(MATH_DTYPE)
     else:
         lr = tl.cast(lr, MATH_DTYPE)
-    mul = tl.cast(grad_mul, MATH_DTYPE)
-    if HAS_GRAD_SCALE:
-        mul = mul / tl.load(grad_scale_ptr).to(MATH_DTYPE)
+    mul = tl.cast(grad_mul, MATH_DTYPE) / tl.load(grad_scale_ptr).to(MATH_DTYPE)
     return t, start, numel, lr, mul

@@ -1,36 +1,44 @@
 """Fused multi-tensor Adam/AdamW step in Triton (NOTE [Adam math] in
 csrc/include/fasttricks/adam_math.h; the reference is fasttricks/ops/adam.py).
 
-One program per CHUNK elements of one tensor; the pointer tables are built by
-fasttricks.ops._device.DevicePlan. Step counts, lr, grad_scale and found_inf
-are read on the device, so a step never synchronises with the host.
+One program per CHUNK elements of one tensor; the pointer table (NOTE
+[pointer table], fasttricks/_table.py) is packed by the device plan that calls
+launch_adam. Step counts, lr, grad_scale and found_inf are read on the device,
+so a step never synchronises with the host. A leaf: imports no fasttricks.ops.
 """
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
-from fasttricks.kernels import TL_DTYPES
-from fasttricks.kernels._common import (BLOCK, chunk_prologue, div_ieee, dummy, load_weight_and_grad, sqrt_ieee,
+from fasttricks._table import ADAM_ROW, CHUNK, grad_multiplier, scalar_arg
+from fasttricks.kernels import SIG_DTYPES, TL_DTYPES, STATE_PAIRS
+from fasttricks.kernels._common import (BLOCK, chunk_prologue, div_ieee, constant, load_weight_and_grad, sqrt_ieee,
                                         store_weights, table_ptr)
-from fasttricks.ops._device import CHUNK, scalar_arg
-from fasttricks.ops.adam import DeviceAdamPlan
+
+EXP_AVG: tl.constexpr = tl.constexpr(ADAM_ROW["exp_avg"])
+EXP_AVG_SQ: tl.constexpr = tl.constexpr(ADAM_ROW["exp_avg_sq"])
+MAX_EXP_AVG_SQ: tl.constexpr = tl.constexpr(ADAM_ROW["max_exp_avg_sq"])
+MASTER_ROW: tl.constexpr = tl.constexpr(ADAM_ROW["master"])
+AVG_ROW: tl.constexpr = tl.constexpr(ADAM_ROW["avg"])
+STEP_ROW: tl.constexpr = tl.constexpr(ADAM_ROW["step"])
 
 
-
-@triton.jit
+# n_tensors is not specialised: Triton would compile a new variant whenever the
+# number of params with a grad became 1 or a multiple of 16.
+@triton.jit(do_not_specialize=["n_tensors"])
 def adam_kernel(ptrs_ptr, numels_ptr, chunk_tensor_ptr, chunk_start_ptr, n_tensors,
                 lr, lr_ptr, one_minus_beta1, one_minus_beta2, eps, weight_decay, grad_mul, grad_scale_ptr, found_inf_ptr,
                 avg_coef,
                 PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, MATH_DTYPE: tl.constexpr,
                 AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr, MASTER: tl.constexpr,
-                AVERAGE: tl.constexpr, LR_IS_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-                HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                AVERAGE: tl.constexpr, LR_IS_TENSOR: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     t, start, numel, lr, mul = chunk_prologue(chunk_tensor_ptr, chunk_start_ptr, numels_ptr, lr, lr_ptr, grad_mul,
-                                              grad_scale_ptr, found_inf_ptr, MATH_DTYPE, LR_IS_TENSOR,
-                                              HAS_GRAD_SCALE, HAS_FOUND_INF)
-    m_ptr = table_ptr(ptrs_ptr, n_tensors, t, 2, STATE_DTYPE)
-    v_ptr = table_ptr(ptrs_ptr, n_tensors, t, 3, STATE_DTYPE)
-    step_ptr = table_ptr(ptrs_ptr, n_tensors, t, 7, tl.float32)
+                                              grad_scale_ptr, found_inf_ptr, MATH_DTYPE, LR_IS_TENSOR)
+    m_ptr = table_ptr(ptrs_ptr, n_tensors, t, EXP_AVG, STATE_DTYPE)
+    v_ptr = table_ptr(ptrs_ptr, n_tensors, t, EXP_AVG_SQ, STATE_DTYPE)
+    step_ptr = table_ptr(ptrs_ptr, n_tensors, t, STEP_ROW, tl.float32)
 
     step = tl.load(step_ptr).to(MATH_DTYPE)
     # Bias corrections 1 - beta^t in fp64 from 1 - beta (given by the host in
@@ -53,7 +61,7 @@ def adam_kernel(ptrs_ptr, numels_ptr, chunk_tensor_ptr, chunk_start_ptr, n_tenso
     for off in tl.range(0, CHUNK, BLOCK):
         offs = start + off + tl.arange(0, BLOCK)
         mask = offs < numel
-        w, g = load_weight_and_grad(ptrs_ptr, n_tensors, t, offs, mask, mul, weight_decay, decay, 5, PARAM_DTYPE,
+        w, g = load_weight_and_grad(ptrs_ptr, n_tensors, t, offs, mask, mul, weight_decay, decay, MASTER_ROW, PARAM_DTYPE,
                                     STATE_DTYPE, MATH_DTYPE, MASTER, DECOUPLED)
         m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(MATH_DTYPE)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(MATH_DTYPE)
@@ -61,7 +69,7 @@ def adam_kernel(ptrs_ptr, numels_ptr, chunk_tensor_ptr, chunk_start_ptr, n_tenso
         v = b2 * v + omb2 * (g * g)
         second = v
         if AMSGRAD:
-            vmax_ptr = table_ptr(ptrs_ptr, n_tensors, t, 4, STATE_DTYPE)
+            vmax_ptr = table_ptr(ptrs_ptr, n_tensors, t, MAX_EXP_AVG_SQ, STATE_DTYPE)
             vmax = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(MATH_DTYPE), v)
             tl.store(vmax_ptr + offs, vmax.to(STATE_DTYPE), mask=mask)
             second = vmax
@@ -69,50 +77,47 @@ def adam_kernel(ptrs_ptr, numels_ptr, chunk_tensor_ptr, chunk_start_ptr, n_tenso
         w = w - step_size * div_ieee(m, denom, MATH_DTYPE)
         tl.store(m_ptr + offs, m.to(STATE_DTYPE), mask=mask)
         tl.store(v_ptr + offs, v.to(STATE_DTYPE), mask=mask)
-        store_weights(ptrs_ptr, n_tensors, t, offs, mask, w, avg_coef, 5, 6, PARAM_DTYPE, STATE_DTYPE, MATH_DTYPE,
+        store_weights(ptrs_ptr, n_tensors, t, offs, mask, w, avg_coef, MASTER_ROW, AVG_ROW, PARAM_DTYPE, STATE_DTYPE,
+                      MATH_DTYPE,
                       MASTER, AVERAGE)
 
 
-def launch_adam(tables, *, param_dtype, state_dtype, lr, beta1, beta2, eps, weight_decay, grad_mul,
-                grad_scale, found_inf, avg_coef, amsgrad, decoupled, average, device):
+def adam_constexprs(param_dtype, state_dtype, *, amsgrad, decoupled, average, lr_is_tensor) -> dict:
+    """The kernel's compile-time arguments: what launch_adam passes, and what
+    aot_variants compiles ahead of time, built by this one function."""
+    return {"PARAM_DTYPE": TL_DTYPES[param_dtype], "STATE_DTYPE": TL_DTYPES[state_dtype],
+            "MATH_DTYPE": tl.float64 if param_dtype == torch.float64 else tl.float32,
+            "AMSGRAD": bool(amsgrad), "DECOUPLED": bool(decoupled), "MASTER": state_dtype != param_dtype,
+            "AVERAGE": bool(average), "LR_IS_TENSOR": bool(lr_is_tensor), "CHUNK": CHUNK, "BLOCK": BLOCK}
+
+
+def launch_adam(tables, hyper, *, param_dtype, state_dtype, grad_scale, found_inf, avg_coef, amsgrad, decoupled,
+                average, device):
+    """One launch over a packed table. `hyper` has the fields of
+    fasttricks.ops.adam.AdamHyper; 1 - beta is computed here, in double."""
     ptrs, numels, chunk_tensor, chunk_start, n, n_chunks = tables
-    lr_value, lr_tensor = scalar_arg(lr, device)
-    fallback = dummy(device)
+    lr_value, lr_tensor = scalar_arg(hyper.lr, device)
+    device_scalar = lambda t, absent: t if t is not None else constant(device, absent)  # noqa: E731
     adam_kernel[(n_chunks,)](
         ptrs, numels, chunk_tensor, chunk_start, n,
-        lr_value, lr_tensor if lr_tensor is not None else fallback, 1.0 - float(beta1), 1.0 - float(beta2), float(eps),
-        float(weight_decay), float(grad_mul),
-        grad_scale if grad_scale is not None else fallback,
-        found_inf if found_inf is not None else fallback, float(avg_coef),
-        PARAM_DTYPE=TL_DTYPES[param_dtype], STATE_DTYPE=TL_DTYPES[state_dtype],
-        MATH_DTYPE=tl.float64 if param_dtype == torch.float64 else tl.float32,
-        AMSGRAD=amsgrad, DECOUPLED=decoupled, MASTER=state_dtype != param_dtype, AVERAGE=average,
-        LR_IS_TENSOR=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
-        HAS_FOUND_INF=found_inf is not None, CHUNK=CHUNK, BLOCK=BLOCK)
+        lr_value, device_scalar(lr_tensor, 0.0), 1.0 - float(hyper.beta1),
+        1.0 - float(hyper.beta2), float(hyper.eps), float(hyper.weight_decay), grad_multiplier(hyper),
+        device_scalar(grad_scale, 1.0), device_scalar(found_inf, 0.0), float(avg_coef),
+        **adam_constexprs(param_dtype, state_dtype, amsgrad=amsgrad, decoupled=decoupled, average=average,
+                          lr_is_tensor=lr_tensor is not None))
 
 
-class TritonAdamPlan(DeviceAdamPlan):
-    launch = staticmethod(launch_adam)
-
-
+SIGNATURE = {"ptrs_ptr": "*i64", "numels_ptr": "*i64", "chunk_tensor_ptr": "*i64", "chunk_start_ptr": "*i64",
+             "n_tensors": "i32", "lr": "fp32", "lr_ptr": "*fp32", "one_minus_beta1": "fp32",
+             "one_minus_beta2": "fp32", "eps": "fp32", "weight_decay": "fp32", "grad_mul": "fp32",
+             "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "avg_coef": "fp32"}
 
 
 def aot_variants():
-    """(kernel, signature, constexprs) for every dtype/switch combination the
-    host can launch; tests compile each for sm_90 without a GPU."""
-    from fasttricks.kernels import SIG_DTYPES
-
-    sig = {"ptrs_ptr": "*i64", "numels_ptr": "*i64", "chunk_tensor_ptr": "*i64", "chunk_start_ptr": "*i64",
-           "n_tensors": "i32", "lr": "fp32", "lr_ptr": "*fp32", "one_minus_beta1": "fp32", "one_minus_beta2": "fp32",
-           "eps": "fp32", "weight_decay": "fp32", "grad_mul": "fp32", "grad_scale_ptr": "*fp32",
-           "found_inf_ptr": "*fp32", "avg_coef": "fp32"}
-    pairs = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
-             (torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float64, torch.float64)]
-    for p, s in pairs:
-        for amsgrad, decoupled, average, flags in ((False, True, False, False), (True, False, True, True)):
-            const = {"PARAM_DTYPE": TL_DTYPES[p], "STATE_DTYPE": TL_DTYPES[s],
-                     "MATH_DTYPE": tl.float64 if p == torch.float64 else tl.float32, "AMSGRAD": amsgrad,
-                     "DECOUPLED": decoupled, "MASTER": p != s, "AVERAGE": average, "LR_IS_TENSOR": flags,
-                     "HAS_GRAD_SCALE": flags, "HAS_FOUND_INF": flags, "CHUNK": CHUNK, "BLOCK": BLOCK}
-            yield f"adam[{SIG_DTYPES[p]}/{SIG_DTYPES[s]},ams={amsgrad},avg={average}]", adam_kernel, \
-                {**sig, **{k: "constexpr" for k in const}}, const
+    """(name, kernel, signature, constexprs) for every variant launch_adam can
+    select: each (param, state) dtype pair x every switch; tests compile each
+    for sm_90 (and sm_80) without a GPU."""
+    for (p, s), switches in itertools.product(STATE_PAIRS, itertools.product((False, True), repeat=4)):
+        const = adam_constexprs(p, s, **dict(zip(("amsgrad", "decoupled", "average", "lr_is_tensor"), switches)))
+        yield (f"adam[{SIG_DTYPES[p]}/{SIG_DTYPES[s]},{''.join(str(int(b)) for b in switches)}]", adam_kernel,
+               {**SIGNATURE, **{k: "constexpr" for k in const}}, const)

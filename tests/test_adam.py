@@ -6,6 +6,7 @@ import torch
 from helpers import BACKENDS, rule_factor, train, assert_param_is_rounded_master, SHAPES, assert_close_rule, clone_params, make_grads, make_params, max_err, run
 from fasttricks import optim as fo
 from fasttricks.ops import adam_reference_, make_adam_plan
+from fasttricks.ops.adam import AdamHyper
 
 CONFIGS = [
     dict(lr=1e-2),
@@ -126,7 +127,7 @@ def test_plan_average_in_same_pass(backend, amsgrad):
         coef = [0.5, 1.0, 0.25][k]
         for p, q, g in zip(params, ref_params, grads):
             p.grad, q.grad = g.float(), g.float()
-        assert plan.step(1e-2, 0.9, 0.999, 1e-8, 0.01, False, 1.0, None, None, coef) == 2
+        assert plan.step(AdamHyper(1e-2, 0.9, 0.999, 1e-8, 0.01), None, None, coef) == 2
         rs = states[2:]
         adam_reference_([q for q in ref_params], [q.grad for q in ref_params], [s["exp_avg"] for s in rs],
                         [s["exp_avg_sq"] for s in rs], [s["vmax"] for s in rs], [s["step"] for s in rs],

@@ -96,13 +96,12 @@ AdamPlan::AdamPlan(std::vector<at::Tensor> params, std::vector<at::Tensor> steps
               "Adam plan: amsgrad needs max_exp_avg_sq for every parameter");
 }
 
-int64_t AdamPlan::step(double lr, double beta1, double beta2, double eps, double weight_decay,
-                       bool maximize, double grad_mul, const std::optional<at::Tensor>& grad_scale,
+int64_t AdamPlan::step(const AdamHyper& h, const std::optional<at::Tensor>& grad_scale,
                        const std::optional<at::Tensor>& found_inf, double avg_coef) {
   Scratch scratch;
   const auto gathered = gather(scratch);  // validates everything before anything is written
   if (found_inf_set(found_inf)) return -1;
-  const double mul = grad_mul * inv_grad_scale(grad_scale) * (maximize ? -1.0 : 1.0);
+  const double mul = h.grad_mul * inv_grad_scale(grad_scale) * (h.maximize ? -1.0 : 1.0);
   const bool average = has_averages() && avg_coef != 0.0;
 
   // Params usually share a step count: one set of coefficients per distinct
@@ -115,7 +114,7 @@ int64_t AdamPlan::step(double lr, double beta1, double beta2, double eps, double
     const double t = counters_[gathered[k].index].bump();
     if (t != last_t) {
       coefs.push_back(make_adam_coefs<double>(
-          lr, beta1, beta2, eps, weight_decay, decoupled_, t, mul,
+          h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, decoupled_, t, mul,
           [](double a, double b) { return std::pow(a, b); }, [](double a) { return std::sqrt(a); }));
       last_t = t;
     }

@@ -28,6 +28,13 @@ DeviceTable::DeviceTable(std::string op, std::vector<at::Tensor> params,
   param_dtype_ = params_[0].scalar_type();
   device_ = params_[0].device();
   flags_.assign(n_flag_rows, std::vector<int64_t>(params_.size(), 0));
+  if (step_row_ >= 0) {
+    for (const auto& s : rows_[step_row_]) {  // the kernels read step counters as float32
+      TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat && s.numel() == 1 && s.device() == device_, op_,
+                       ": step counters must be one-element float32 tensors on ", device_, ", got ",
+                       s.scalar_type(), " on ", s.device());
+    }
+  }
   refresh();
 }
 

@@ -2,9 +2,28 @@
 #include <torch/extension.h>
 
 #include "device_table.h"
+#include "fasttricks/table.h"
 #include "plans.h"
 
 namespace ftc = fasttricks::cpu;
+
+namespace {
+
+// The hyper-parameter records are read by field name, so that a record whose
+// fields drift from these structs fails loudly instead of shifting values.
+double field(py::handle record, const char* name) { return py::float_(record.attr(name)); }
+
+ftc::AdamHyper adam_hyper(py::handle h) {
+  return {field(h, "lr"), field(h, "beta1"), field(h, "beta2"), field(h, "eps"), field(h, "weight_decay"),
+          h.attr("maximize").cast<bool>(), field(h, "grad_mul")};
+}
+
+ftc::SgdHyper sgd_hyper(py::handle h) {
+  return {field(h, "lr"), field(h, "weight_decay"), field(h, "momentum"), field(h, "dampening"),
+          h.attr("maximize").cast<bool>(), field(h, "grad_mul")};
+}
+
+}  // namespace
 
 namespace fasttricks {
 namespace cpu {
@@ -31,6 +50,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   );
 
+  // NOTE [pointer table]: the C++ row numbers, for tests/test_table.py.
+  {
+    namespace A = fasttricks::table::adam;
+    namespace S = fasttricks::table::sgd;
+    py::dict rows;
+    rows["chunk"] = fasttricks::table::kChunk;
+    rows["adam"] = py::make_tuple(A::kParam, A::kGrad, A::kExpAvg, A::kExpAvgSq, A::kMaxExpAvgSq, A::kMaster,
+                                  A::kAvg, A::kStep, A::kRows);
+    rows["sgd"] = py::make_tuple(S::kParam, S::kGrad, S::kMomentumBuffer, S::kMaster, S::kAvg, S::kFirst, S::kRows);
+    m.attr("TABLE") = rows;
+    m.attr("ADAM_HYPER_FIELDS") = py::make_tuple("lr", "beta1", "beta2", "eps", "weight_decay", "maximize",
+                                                 "grad_mul");
+    m.attr("SGD_HYPER_FIELDS") = py::make_tuple("lr", "weight_decay", "momentum", "dampening", "maximize",
+                                                "grad_mul");
+  }
+
   m.def("mixup_blend_rows", &ftc::mixup_blend_rows, py::arg("x"), py::arg("out"), py::arg("lam"),
         py::arg("perm") = py::none(),
         "Mixup blend of [B, D] rows: flip pairing (perm=None, may be in place; an odd middle row is not written) "
@@ -49,9 +84,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     bool>(),
            py::arg("params"), py::arg("steps"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
            py::arg("max_exp_avg_sqs"), py::arg("masters"), py::arg("amsgrad"), py::arg("decoupled"))
-      .def("step", &ftc::AdamPlan::step, py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
-           py::arg("eps"), py::arg("weight_decay"), py::arg("maximize"), py::arg("grad_mul"),
-           py::arg("grad_scale"), py::arg("found_inf"), py::arg("avg_coef"))
+      .def("step",
+           [](ftc::AdamPlan& plan, py::handle hyper, const std::optional<at::Tensor>& grad_scale,
+              const std::optional<at::Tensor>& found_inf, double avg_coef) {
+             return plan.step(adam_hyper(hyper), grad_scale, found_inf, avg_coef);
+           },
+           py::arg("hyper"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("avg_coef"))
       .def("set_averages", &ftc::AdamPlan::set_averages)
       .def("check", &ftc::AdamPlan::check)
       .def("__len__", &ftc::AdamPlan::size);
@@ -61,9 +99,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     std::vector<bool>, bool, bool>(),
            py::arg("params"), py::arg("momentum_buffers"), py::arg("masters"),
            py::arg("first_step"), py::arg("nesterov"), py::arg("decoupled"))
-      .def("step", &ftc::SgdPlan::step, py::arg("lr"), py::arg("weight_decay"),
-           py::arg("momentum"), py::arg("dampening"), py::arg("maximize"), py::arg("grad_mul"),
-           py::arg("grad_scale"), py::arg("found_inf"), py::arg("avg_coef"))
+      .def("step",
+           [](ftc::SgdPlan& plan, py::handle hyper, const std::optional<at::Tensor>& grad_scale,
+              const std::optional<at::Tensor>& found_inf, double avg_coef) {
+             return plan.step(sgd_hyper(hyper), grad_scale, found_inf, avg_coef);
+           },
+           py::arg("hyper"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("avg_coef"))
       .def("set_averages", &ftc::SgdPlan::set_averages)
       .def("check", &ftc::SgdPlan::check)
       .def("first_step_flags", &ftc::SgdPlan::first_step_flags)

@@ -20,6 +20,21 @@
 namespace fasttricks {
 namespace cpu {
 
+// One group's hyper-parameters for one step: fasttricks.ops.adam.AdamHyper and
+// fasttricks.ops.sgd.SgdHyper, read field by field by name (module.cpp; the
+// field lists are exported as ADAM_HYPER_FIELDS / SGD_HYPER_FIELDS and tested).
+struct AdamHyper {
+  double lr, beta1, beta2, eps, weight_decay;
+  bool maximize;
+  double grad_mul;
+};
+
+struct SgdHyper {
+  double lr, weight_decay, momentum, dampening;
+  bool maximize;
+  double grad_mul;
+};
+
 class PlanBase {
  public:
   PlanBase(const char* op, std::vector<at::Tensor> params,
@@ -141,8 +156,7 @@ class AdamPlan : public PlanBase {
            std::vector<at::Tensor> max_exp_avg_sqs, std::vector<at::Tensor> masters, bool amsgrad,
            bool decoupled);
   // Returns the number of parameters updated, or -1 when found_inf skipped the step.
-  int64_t step(double lr, double beta1, double beta2, double eps, double weight_decay,
-               bool maximize, double grad_mul, const std::optional<at::Tensor>& grad_scale,
+  int64_t step(const AdamHyper& h, const std::optional<at::Tensor>& grad_scale,
                const std::optional<at::Tensor>& found_inf, double avg_coef);
 
  private:
@@ -156,8 +170,7 @@ class SgdPlan : public PlanBase {
   SgdPlan(std::vector<at::Tensor> params, std::vector<at::Tensor> momentum_buffers,
           std::vector<at::Tensor> masters, std::vector<bool> first_step, bool nesterov,
           bool decoupled);
-  int64_t step(double lr, double weight_decay, double momentum, double dampening, bool maximize,
-               double grad_mul, const std::optional<at::Tensor>& grad_scale,
+  int64_t step(const SgdHyper& h, const std::optional<at::Tensor>& grad_scale,
                const std::optional<at::Tensor>& found_inf, double avg_coef);
   std::vector<bool> first_step_flags() const;
 

@@ -77,15 +77,15 @@ SgdPlan::SgdPlan(std::vector<at::Tensor> params, std::vector<at::Tensor> momentu
   TORCH_CHECK(momentum_ || !nesterov_, "SGD plan: nesterov needs momentum buffers");
 }
 
-int64_t SgdPlan::step(double lr, double weight_decay, double momentum, double dampening,
-                      bool maximize, double grad_mul, const std::optional<at::Tensor>& grad_scale,
+int64_t SgdPlan::step(const SgdHyper& h, const std::optional<at::Tensor>& grad_scale,
                       const std::optional<at::Tensor>& found_inf, double avg_coef) {
   Scratch scratch;
   const auto gathered = gather(scratch);
   if (found_inf_set(found_inf)) return -1;
-  const double mul = grad_mul * inv_grad_scale(grad_scale) * (maximize ? -1.0 : 1.0);
+  TORCH_CHECK(momentum_ == (h.momentum != 0.0), "SGD plan: momentum switched on or off after the plan was built");
+  const double mul = h.grad_mul * inv_grad_scale(grad_scale) * (h.maximize ? -1.0 : 1.0);
   const bool average = has_averages() && avg_coef != 0.0;
-  const auto coefs = make_sgd_coefs<double>(lr, weight_decay, decoupled_, momentum, dampening, mul);
+  const auto coefs = make_sgd_coefs<double>(h.lr, h.weight_decay, decoupled_, h.momentum, h.dampening, mul);
 
   std::vector<int64_t> numels(gathered.size());
   for (size_t k = 0; k < gathered.size(); ++k) numels[k] = gathered[k].numel;

@@ -5,12 +5,14 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "fasttricks/table.h"
+
 namespace fasttricks {
 namespace cuda {
 
 enum class DType : int { kFloat = 0, kDouble = 1, kBFloat16 = 2, kHalf = 3, kByte = 4 };
 
-// The packed tables of fasttricks/ops/_device.py: ptrs[row * n_tensors + t],
+// NOTE [pointer table] (fasttricks/table.h): ptrs[row * n_tensors + t],
 // numels[t], and one block per chunk (chunk_tensor[c], chunk_start[c]).
 struct Tables {
   const int64_t* ptrs;
@@ -21,7 +23,7 @@ struct Tables {
   int64_t n_chunks;
 };
 
-constexpr int64_t kChunk = 4096;  // must equal CHUNK in fasttricks/ops/_device.py
+using table::kChunk;
 
 struct AdamArgs {
   float lr;

@@ -60,7 +60,7 @@ __device__ __forceinline__ void store_weights(P* param, S* master, S* avg, int64
   }
 }
 
-// Rows: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, avg, step.
+// Rows: NOTE [pointer table] (fasttricks/table.h), table::adam.
 template <typename P, typename S, bool AMSGRAD, bool DECOUPLED, bool AVERAGE>
 __global__ void __launch_bounds__(kThreads) adam_kernel(Tables tb, AdamArgs a) {
   using O = typename Math<S>::type;
@@ -70,14 +70,15 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(Tables tb, AdamArgs a) {
   const int64_t t = ch.t;
   const double lr = ch.lr;
 
-  P* param = row<P>(tb, 0, t);
-  const P* grad = row<const P>(tb, 1, t);
-  S* m_ptr = row<S>(tb, 2, t);
-  S* v_ptr = row<S>(tb, 3, t);
-  S* vmax_ptr = row<S>(tb, 4, t);
-  S* master = row<S>(tb, 5, t);
-  S* avg = row<S>(tb, 6, t);
-  const double step = *row<const float>(tb, 7, t);
+  namespace R = table::adam;
+  P* param = row<P>(tb, R::kParam, t);
+  const P* grad = row<const P>(tb, R::kGrad, t);
+  S* m_ptr = row<S>(tb, R::kExpAvg, t);
+  S* v_ptr = row<S>(tb, R::kExpAvgSq, t);
+  S* vmax_ptr = row<S>(tb, R::kMaxExpAvgSq, t);
+  S* master = row<S>(tb, R::kMaster, t);
+  S* avg = row<S>(tb, R::kAvg, t);
+  const double step = *row<const float>(tb, R::kStep, t);
   // Coefficients in double: 1 - beta2^t cancels badly in float.
   const double b1 = 1.0 - a.one_minus_beta1, b2 = 1.0 - a.one_minus_beta2;
   AdamCoefs<O> c;
@@ -104,7 +105,7 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(Tables tb, AdamArgs a) {
   }
 }
 
-// Rows: param, grad, momentum_buffer, master, avg, first (flag).
+// Rows: NOTE [pointer table] (fasttricks/table.h), table::sgd.
 template <typename P, typename S, bool MOMENTUM, bool NESTEROV, bool DECOUPLED, bool AVERAGE>
 __global__ void __launch_bounds__(kThreads) sgd_kernel(Tables tb, SgdArgs a) {
   using O = typename Math<S>::type;
@@ -113,12 +114,13 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(Tables tb, SgdArgs a) {
   if (!chunk_prologue(tb, a, ch)) return;
   const int64_t t = ch.t;
 
-  P* param = row<P>(tb, 0, t);
-  const P* grad = row<const P>(tb, 1, t);
-  S* buf_ptr = row<S>(tb, 2, t);
-  S* master = row<S>(tb, 3, t);
-  S* avg = row<S>(tb, 4, t);
-  const bool first = tb.ptrs[5 * tb.n_tensors + t] != 0;
+  namespace R = table::sgd;
+  P* param = row<P>(tb, R::kParam, t);
+  const P* grad = row<const P>(tb, R::kGrad, t);
+  S* buf_ptr = row<S>(tb, R::kMomentumBuffer, t);
+  S* master = row<S>(tb, R::kMaster, t);
+  S* avg = row<S>(tb, R::kAvg, t);
+  const bool first = tb.ptrs[R::kFirst * tb.n_tensors + t] != 0;
   const SgdCoefs<O> c = make_sgd_coefs<O>(O(ch.lr), O(a.weight_decay), DECOUPLED, O(a.momentum),
                                           O(a.dampening), O(ch.grad_mul));
   for (int64_t i = ch.start + threadIdx.x; i < ch.end; i += kThreads) {

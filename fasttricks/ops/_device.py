@@ -1,6 +1,7 @@
 """Host side of the multi-tensor GPU kernels (Triton and CUDA share it).
 
-Each step the kernels get one int64 buffer, copied to the device at once:
+Each step the kernels get one int64 buffer, copied to the device at once
+(NOTE [pointer table] in csrc/include/fasttricks/table.h and fasttricks/_table.py):
 
     ptrs[R, n]      data pointer of each of the R tensor lists (0 = unused),
                     or a plain integer for "flag" rows
@@ -11,6 +12,12 @@ Each step the kernels get one int64 buffer, copied to the device at once:
 and launch one program (Triton) / block (CUDA) per chunk of CHUNK elements.
 The buffer is rebuilt only when a pointer changed since the last step.
 
+A device plan is given its launch function (kernels/<op>.py for Triton, the
+CUDA extension's binding for CUDA): the kernels are leaves and import nothing
+from here. `DevicePlan.step` is the one launch helper: it packs the table,
+sets the device guard (Triton and the CUDA binding both launch on the
+current stream of the current device), launches, and writes back.
+
 `DevicePlan.pack()` validates the step's params, packs that buffer and bumps
 the step counters. It runs in C++ (fasttricks._C.DeviceTable,
 csrc/cpu/device_table.cpp) when the CPU extension loaded: the Python loop
@@ -20,12 +27,14 @@ installs without the extension (and the tests run both).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from fasttricks import _backends
+from fasttricks._table import CHUNK
 from fasttricks.ops._plan import PlanBase
 
-CHUNK = 4096  # elements per program / CUDA block
 NATIVE = True  # use fasttricks._C.DeviceTable when it loaded (tests switch it off)
 
 
@@ -42,8 +51,10 @@ class DevicePlan(PlanBase):
     STEP_ROW: str | None = None
     FLAG_ROWS: tuple[str, ...] = ()
 
-    def __init__(self, params, slots):
+    def __init__(self, params, slots, launch, switches: dict):
         super().__init__(params, slots)
+        self.launch = launch
+        self.switches = switches  # compile-time switches of the family's kernel
         self._key = None
         self._tables = None
         self._native = None
@@ -84,6 +95,30 @@ class DevicePlan(PlanBase):
         if self._native is not None:
             self._native.set_row(self._tensor_rows().index("avg"), list(self.averages or []))
         self._key = None
+
+    # ---- the step ------------------------------------------------------------
+
+    def step(self, hyper, grad_scale, found_inf, avg_coef) -> int:
+        """One launch over the params with a grad: returns how many were stepped
+        (-1 is never returned: found_inf is read on the device, NOTE [found_inf contract])."""
+        n, tables, writeback, keep = self.pack()
+        if not n:
+            return 0
+        found_inf, grad_scale = self.on_device(found_inf), self.on_device(grad_scale)
+        guard = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with guard:
+            self.launch(tables, hyper, param_dtype=self.param_dtype, state_dtype=self.state_dtype,
+                        grad_scale=grad_scale, found_inf=found_inf, avg_coef=avg_coef,
+                        average=self.averages is not None and avg_coef != 0, device=self.device, **self.switches)
+        del keep  # the temporaries the kernel reads lived through its launch
+        if found_inf is not None and self.STEP_ROW:
+            self.unbump_steps(found_inf)
+        self.write_back(writeback)
+        self.after_step(found_inf)
+        return n
+
+    def after_step(self, found_inf) -> None:
+        """Host bookkeeping after a launch (SGD's first-step flags)."""
 
     # ---- the per-step interface (C++ or Python) ---------------------------
 
@@ -220,10 +255,3 @@ def _is_dense(t: torch.Tensor) -> bool:
         expected *= n
     return True
 
-
-def scalar_arg(value, device):
-    """(float value, tensor or None): a tensor stays a tensor on `device`
-    (read in the kernel: no host sync, works with capturable/CUDA graphs)."""
-    if torch.is_tensor(value):
-        return 0.0, value.to(device=device, dtype=torch.float32)
-    return float(value), None

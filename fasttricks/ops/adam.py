@@ -18,14 +18,31 @@ master_weights), and the param is written as w rounded to its dtype.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
 from fasttricks import _backends
+from fasttricks._table import ADAM_ROWS, grad_multiplier, scalar_arg
 from fasttricks.ops._device import DevicePlan
 from fasttricks.ops._plan import PlanBase, found_inf_set, inv_grad_scale, local_shards, opmath_dtype
 
-__all__ = ["adam_reference_", "make_adam_plan"]
+__all__ = ["AdamHyper", "adam_reference_", "make_adam_plan"]
+
+
+class AdamHyper(NamedTuple):
+    """One group's hyper-parameters for one step, built once by the optimizer
+    and handed unchanged to every backend (the CPU extension reads the same
+    fields by name). Python floats are doubles: whatever a kernel needs in
+    double precision (1 - beta, the bias corrections) is derived from these."""
+
+    lr: float | torch.Tensor
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    maximize: bool = False
+    grad_mul: float = 1.0
 
 
 def adam_reference_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, masters=None,
@@ -76,57 +93,51 @@ class ReferenceAdamPlan(PlanBase):
                                   "master": masters})
         self.steps, self.amsgrad, self.decoupled = steps, amsgrad, decoupled
 
-    def step(self, lr, beta1, beta2, eps, weight_decay, maximize, grad_mul, grad_scale, found_inf, avg_coef):
+    def step(self, hyper: AdamHyper, grad_scale, found_inf, avg_coef) -> int:
         index, grads = self.gather()
         pick = lambda xs: None if xs is None else [xs[i] for i in index]  # noqa: E731
         ok = adam_reference_(
             pick(self.params), grads, pick(self.slots["exp_avg"]), pick(self.slots["exp_avg_sq"]),
             pick(self.slots["max_exp_avg_sq"]), pick(self.steps), masters=pick(self.slots["master"]),
-            averages=pick(self.averages), lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=eps,
-            weight_decay=weight_decay, amsgrad=self.amsgrad, decoupled=self.decoupled, maximize=maximize,
-            grad_mul=grad_mul, grad_scale=grad_scale, found_inf=found_inf, avg_coef=avg_coef)
+            averages=pick(self.averages), lr=float(hyper.lr), beta1=float(hyper.beta1), beta2=float(hyper.beta2),
+            eps=hyper.eps, weight_decay=hyper.weight_decay, amsgrad=self.amsgrad, decoupled=self.decoupled,
+            maximize=hyper.maximize, grad_mul=hyper.grad_mul, grad_scale=grad_scale, found_inf=found_inf,
+            avg_coef=avg_coef)
         return len(index) if ok else -1
 
 
-# Pointer-table rows read by the Triton and CUDA kernels, in this order.
-ROWS = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master", "avg", "step")
-
-
 class DeviceAdamPlan(DevicePlan):
-    """Plan for the device backends; subclasses set `launch` (Triton or CUDA)."""
+    """Plan for the device backends, given the launch function of one."""
 
     op = "Adam"
-    ROWS = ROWS
+    ROWS = ADAM_ROWS
     STEP_ROW = "step"
 
-    def __init__(self, params, steps, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, amsgrad, decoupled):
+    def __init__(self, params, steps, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, amsgrad, decoupled,
+                 launch):
         super().__init__(params, {"exp_avg": exp_avgs, "exp_avg_sq": exp_avg_sqs,
-                                  "max_exp_avg_sq": max_exp_avg_sqs if amsgrad else None, "master": masters})
-        self.steps, self.amsgrad, self.decoupled = steps, amsgrad, decoupled
+                                  "max_exp_avg_sq": max_exp_avg_sqs if amsgrad else None, "master": masters},
+                         launch, {"amsgrad": amsgrad, "decoupled": decoupled})
+        self.steps = steps
 
-    def step(self, lr, beta1, beta2, eps, weight_decay, maximize, grad_mul, grad_scale, found_inf, avg_coef):
-        n, tables, writeback, keep = self.pack()
-        if not n:
-            return 0
-        found_inf, grad_scale = self.on_device(found_inf), self.on_device(grad_scale)
-        self.launch(tables, param_dtype=self.param_dtype, state_dtype=self.state_dtype, lr=lr, beta1=beta1,
-                    beta2=beta2, eps=eps, weight_decay=weight_decay,
-                    grad_mul=grad_mul * (-1.0 if maximize else 1.0), grad_scale=grad_scale,
-                    found_inf=found_inf, avg_coef=avg_coef, amsgrad=self.amsgrad, decoupled=self.decoupled,
-                    average=self.averages is not None and avg_coef != 0, device=self.device)
-        del keep  # the temporaries the kernel reads lived through its launch
-        if found_inf is not None:
-            self.unbump_steps(found_inf)
-        self.write_back(writeback)
-        return n
+
+def launch_cuda_adam(tables, hyper, *, param_dtype, state_dtype, grad_scale, found_inf, avg_coef, amsgrad,
+                     decoupled, average, device):
+    """The CUDA backend's launch: the extension's binding, called as kernels/adam.py's launch_adam is."""
+    ptrs, numels, chunk_tensor, chunk_start, n, _ = tables
+    lr_value, lr_tensor = scalar_arg(hyper.lr, device)
+    _backends.cuda_ext().adam_step(ptrs, numels, chunk_tensor, chunk_start, n, param_dtype, state_dtype,
+                                   lr_value, lr_tensor, float(hyper.beta1), float(hyper.beta2), float(hyper.eps),
+                                   float(hyper.weight_decay), grad_multiplier(hyper), grad_scale, found_inf,
+                                   float(avg_coef), amsgrad, decoupled, average)
 
 
 def make_adam_plan(backend: str, params, steps, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters,
                    *, amsgrad: bool, decoupled: bool):
     """A plan for one bucket of params on a concrete backend (see fasttricks._backends.resolve).
     `max_exp_avg_sqs` / `masters` are lists or None. The plan's
-    step(lr, beta1, beta2, eps, weight_decay, maximize, grad_mul, grad_scale, found_inf, avg_coef)
-    returns the number of params updated, or -1 when found_inf skipped the step."""
+    step(hyper: AdamHyper, grad_scale, found_inf, avg_coef) returns the number
+    of params updated, or -1 when found_inf skipped the step (host backends)."""
     args = (list(params), list(steps), list(exp_avgs), list(exp_avg_sqs),
             list(max_exp_avg_sqs) if amsgrad else None, list(masters) if masters else None)
     if backend != "reference":  # NOTE [DTensor shards]: the kernels take each rank's local pieces
@@ -136,11 +147,9 @@ def make_adam_plan(backend: str, params, steps, exp_avgs, exp_avg_sqs, max_exp_a
     if backend == "cpu":
         return _backends.cpu_ext().AdamPlan(*[a if a is not None else [] for a in args], amsgrad, decoupled)
     if backend == "triton":
-        from fasttricks.kernels.adam import TritonAdamPlan
+        from fasttricks.kernels.adam import launch_adam  # imports triton: only when asked for
 
-        return TritonAdamPlan(*args, amsgrad, decoupled)
+        return DeviceAdamPlan(*args, amsgrad, decoupled, launch_adam)
     if backend == "cuda":
-        from fasttricks.ops._cuda import CudaAdamPlan
-
-        return CudaAdamPlan(*args, amsgrad, decoupled)
+        return DeviceAdamPlan(*args, amsgrad, decoupled, launch_cuda_adam)
     raise ValueError(f"Invalid backend: {backend!r}")

@@ -14,13 +14,27 @@ torch.optim.SGD's semantics, in fp32 math (fp64 for fp64 params):
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from fasttricks import _backends
+from fasttricks._table import SGD_ROWS, grad_multiplier, scalar_arg
 from fasttricks.ops._device import DevicePlan
 from fasttricks.ops._plan import PlanBase, found_inf_set, inv_grad_scale, local_shards, opmath_dtype
 
-__all__ = ["sgd_reference_", "make_sgd_plan"]
+__all__ = ["SgdHyper", "sgd_reference_", "make_sgd_plan"]
+
+
+class SgdHyper(NamedTuple):
+    """One group's hyper-parameters for one step (see AdamHyper in ops/adam.py)."""
+
+    lr: float | torch.Tensor
+    weight_decay: float
+    momentum: float
+    dampening: float
+    maximize: bool = False
+    grad_mul: float = 1.0
 
 
 def sgd_reference_(params, grads, momentum_buffers, first_step, *, masters=None, averages=None,
@@ -64,15 +78,15 @@ class ReferenceSgdPlan(PlanBase):
         self.first_step = list(first_step) if momentum_buffers is not None else None
         self.nesterov, self.decoupled = nesterov, decoupled
 
-    def step(self, lr, weight_decay, momentum, dampening, maximize, grad_mul, grad_scale, found_inf, avg_coef):
+    def step(self, hyper: SgdHyper, grad_scale, found_inf, avg_coef) -> int:
         index, grads = self.gather()
         pick = lambda xs: None if xs is None else [xs[i] for i in index]  # noqa: E731
         ok = sgd_reference_(
             pick(self.params), grads, pick(self.slots["momentum_buffer"]), pick(self.first_step),
-            masters=pick(self.slots["master"]), averages=pick(self.averages), lr=float(lr),
-            weight_decay=weight_decay, momentum=momentum, dampening=dampening, nesterov=self.nesterov,
-            decoupled=self.decoupled, maximize=maximize, grad_mul=grad_mul, grad_scale=grad_scale,
-            found_inf=found_inf, avg_coef=avg_coef)
+            masters=pick(self.slots["master"]), averages=pick(self.averages), lr=float(hyper.lr),
+            weight_decay=hyper.weight_decay, momentum=hyper.momentum, dampening=hyper.dampening,
+            nesterov=self.nesterov, decoupled=self.decoupled, maximize=hyper.maximize, grad_mul=hyper.grad_mul,
+            grad_scale=grad_scale, found_inf=found_inf, avg_coef=avg_coef)
         if not ok:
             return -1
         if self.first_step is not None:
@@ -84,53 +98,50 @@ class ReferenceSgdPlan(PlanBase):
         return list(self.first_step or [])
 
 
-# Pointer-table rows read by the Triton and CUDA kernels, in this order.
-# "first" is a flag row: 1 where the momentum buffer is not initialised yet.
-ROWS = ("param", "grad", "momentum_buffer", "master", "avg", "first")
-
-
 class DeviceSgdPlan(DevicePlan):
     op = "SGD"
-    ROWS = ROWS
+    ROWS = SGD_ROWS
     FLAG_ROWS = ("first",)
 
-    def __init__(self, params, momentum_buffers, masters, first_step, nesterov, decoupled):
-        super().__init__(params, {"momentum_buffer": momentum_buffers, "master": masters})
+    def __init__(self, params, momentum_buffers, masters, first_step, nesterov, decoupled, launch):
+        super().__init__(params, {"momentum_buffer": momentum_buffers, "master": masters}, launch,
+                         {"nesterov": nesterov, "decoupled": decoupled})
         self.momentum = momentum_buffers is not None
         if self.momentum:
             self.set_flags("first", first_step)
-        self.nesterov, self.decoupled = nesterov, decoupled
 
-    def step(self, lr, weight_decay, momentum, dampening, maximize, grad_mul, grad_scale, found_inf, avg_coef):
-        if self.momentum != (momentum != 0):
+    def step(self, hyper: SgdHyper, grad_scale, found_inf, avg_coef) -> int:
+        if self.momentum != (hyper.momentum != 0):
             raise RuntimeError("SGD plan: momentum switched on or off after the plan was built")
-        n, tables, writeback, keep = self.pack()
-        if not n:
-            return 0
-        found_inf, grad_scale = self.on_device(found_inf), self.on_device(grad_scale)
-        self.launch(tables, param_dtype=self.param_dtype, state_dtype=self.state_dtype, lr=lr,
-                    weight_decay=weight_decay, momentum=momentum, dampening=dampening,
-                    grad_mul=grad_mul * (-1.0 if maximize else 1.0), grad_scale=grad_scale,
-                    found_inf=found_inf, avg_coef=avg_coef, nesterov=self.nesterov, decoupled=self.decoupled,
-                    average=self.averages is not None and avg_coef != 0, device=self.device)
-        del keep  # the temporaries the kernel reads lived through its launch
-        self.write_back(writeback)
+        return super().step(hyper, grad_scale, found_inf, avg_coef)
+
+    def after_step(self, found_inf) -> None:
         # A skipped step leaves fresh buffers fresh; checking costs one sync,
         # paid only on the steps that still have fresh buffers.
         if self.momentum and self.any_gathered_flag("first") and (found_inf is None or float(found_inf) == 0):
             self.clear_gathered_flags("first")
-        return n
 
     def first_step_flags(self):
         return [bool(f) for f in self.flags("first")] if self.momentum else []
+
+
+def launch_cuda_sgd(tables, hyper, *, param_dtype, state_dtype, grad_scale, found_inf, avg_coef, nesterov,
+                    decoupled, average, device):
+    """The CUDA backend's launch: the extension's binding, called as kernels/sgd.py's launch_sgd is."""
+    ptrs, numels, chunk_tensor, chunk_start, n, _ = tables
+    lr_value, lr_tensor = scalar_arg(hyper.lr, device)
+    _backends.cuda_ext().sgd_step(ptrs, numels, chunk_tensor, chunk_start, n, param_dtype, state_dtype,
+                                  lr_value, lr_tensor, float(hyper.weight_decay), float(hyper.momentum),
+                                  float(hyper.dampening), grad_multiplier(hyper), grad_scale, found_inf,
+                                  float(avg_coef), nesterov, decoupled, average)
 
 
 def make_sgd_plan(backend: str, params, momentum_buffers, masters, first_step, *, nesterov: bool,
                   decoupled: bool):
     """A plan for one bucket of params. `momentum_buffers` is None when momentum
     is 0; `first_step` flags the buffers not initialised yet. The plan's
-    step(lr, weight_decay, momentum, dampening, maximize, grad_mul, grad_scale, found_inf, avg_coef)
-    returns the number of params updated, or -1 when found_inf skipped the step."""
+    step(hyper: SgdHyper, grad_scale, found_inf, avg_coef) returns the number
+    of params updated, or -1 when found_inf skipped the step (host backends)."""
     bufs = list(momentum_buffers) if momentum_buffers is not None else None
     args = (list(params), bufs, list(masters) if masters else None, list(first_step))
     if backend != "reference":  # NOTE [DTensor shards]: the kernels take each rank's local pieces
@@ -141,11 +152,9 @@ def make_sgd_plan(backend: str, params, momentum_buffers, masters, first_step, *
         p, b, m, f = args
         return _backends.cpu_ext().SgdPlan(p, b or [], m or [], f if b else [], nesterov, decoupled)
     if backend == "triton":
-        from fasttricks.kernels.sgd import TritonSgdPlan
+        from fasttricks.kernels.sgd import launch_sgd  # imports triton: only when asked for
 
-        return TritonSgdPlan(*args, nesterov, decoupled)
+        return DeviceSgdPlan(*args, nesterov, decoupled, launch_sgd)
     if backend == "cuda":
-        from fasttricks.ops._cuda import CudaSgdPlan
-
-        return CudaSgdPlan(*args, nesterov, decoupled)
+        return DeviceSgdPlan(*args, nesterov, decoupled, launch_cuda_sgd)
     raise ValueError(f"Invalid backend: {backend!r}")

@@ -3,48 +3,47 @@
 Each fasttricks optimizer subclasses torch's own (SGD, Adam, AdamW), so the
 constructor arguments, defaults, validation, exception types, state_dict
 layout and hooks are torch's. This mixin replaces only the step: per param
-group it keeps "plans" (one per device/dtype bucket, see fasttricks/ops) that
-hold the params and their state, and each step is one call into a backend.
+group it keeps plans (one per device/dtype bucket, built by fasttricks/ops;
+cached as NOTE [plan cache] in _plan_cache.py says), and each step is one
+call into a backend per plan. The route of one step is drawn in
+docs/architecture.md.
 
 NOTE [found_inf contract]
 GradScaler hands fused optimizers `grad_scale` and `found_inf` as attributes
 (`_step_supports_amp_scaling = True`). The kernels divide the gradients by
 grad_scale, and a step with found_inf set changes nothing at all: params,
-moments, step counters and weight averages keep their values.
+moments, step counters and weight averages keep their values, and no state
+is created that a committed step would have created (SGD's momentum buffer).
 
 NOTE [fused weight averaging]
-One weight sampler (fasttricks.sampling) per optimizer can be "fused": its
-running averages are attached to the plans, and each step asks it for the
-step's coefficient c (0 = no sample) before launching the kernels, which then
-update w_hat <- w_hat + c (w - w_hat) in the same memory pass. Further
-samplers on the same optimizer run as step post-hooks.
+One weight sampler (fasttricks.sampling) per optimizer can be fused
+(`attach_averager`): its running averages are attached to the plans, and each
+step asks it for the step's coefficient c (0 = no sample) before launching
+the kernels, which then update w_hat <- w_hat + c (w - w_hat) in the same
+memory pass. Further samplers on the same optimizer run as step post-hooks.
 """
 from __future__ import annotations
 
 import itertools
 
 import torch
-from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from fasttricks import _backends
-from fasttricks.ops._plan import is_dtensor as _is_dtensor, local_shards
+from fasttricks.ops._plan import is_dtensor, local_shards
+from fasttricks.optim import _compat
+from fasttricks.optim._plan_cache import (GroupPlans, PlanCache, backend_for, bind_shard_grads, normalise_state,
+                                          uses_master)
+from fasttricks.optim._tracked import StateDict
 
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-class _GroupPlans:
-    __slots__ = ("key", "buckets", "stateless", "shards")
-
-    def __init__(self, key, buckets, stateless, shards):
-        self.key, self.buckets, self.stateless = key, buckets, stateless
-        # NOTE [DTensor shards]: (DTensor param, its local shard) for the
-        # buckets whose fused plans run on local shards.
-        self.shards = shards
+# The optimizer's own keys in param_groups, beside torch's.
+FT_GROUP_KEYS = ("backend", "master_weights")
 
 
 class FusedOptimizerMixin:
-    """Mixed in before a torch.optim class; subclasses define `_plan_flags`,
-    `_needs_state`, `_init_state` and `_build_plan` / `_step_plan`."""
+    """Mixed in before a torch.optim class; subclasses define `_family_flags`,
+    `_needs_state`, `_init_state`, `_build_plan` and `_step_plan`."""
+
+    profile_hook_step = staticmethod(_compat.profile_hook_step)
 
     def _ft_init(self, backend: str, master_weights: bool) -> None:
         _backends.check_backend_name(backend)
@@ -58,40 +57,30 @@ class FusedOptimizerMixin:
             group.setdefault("backend", backend)
             group.setdefault("master_weights", bool(master_weights))
         self._step_supports_amp_scaling = True
-        self._ft_plans: dict[int, _GroupPlans] = {}
-        # Random gradient (seed 004) and friends fold a factor into the step's
-        # gradient scale here; 1.0 means off.
+        self.state = StateDict(self.state)
+        self._ft_cache = PlanCache()
+        # Random gradient and friends fold a factor into the step's gradient
+        # scale here; 1.0 means off.
         self.grad_multiplier = 1.0
         self._ft_sampler = None  # NOTE [fused weight averaging]
-
-    # torch wraps `step` to fire the optimizer hooks inside a profiler range.
-    # Same hooks, same order; the range only when the profiler is on, since it
-    # costs several microseconds of the step's host overhead.
-    @staticmethod
-    def profile_hook_step(func):
-        import functools
-
-        @functools.wraps(func)
-        def wrapper(*args, **kwargs):
-            self = args[0]
-            if torch.autograd._profiler_enabled():
-                with torch.autograd.profiler.record_function(f"Optimizer.step#{self.__class__.__name__}.step"):
-                    return _run_with_hooks(self, func, args, kwargs)
-            return _run_with_hooks(self, func, args, kwargs)
-
-        return wrapper
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        for key in ("backend", "master_weights"):
+        for key in FT_GROUP_KEYS:
             if key in self.defaults:
                 group.setdefault(key, self.defaults[key])
         if "backend" in group:
             _backends.check_backend_name(group["backend"])
 
+    def state_dict(self):
+        """torch's state_dict, with plain dicts for the per-param state."""
+        state_dict = super().state_dict()
+        state_dict["state"] = {k: dict(v) for k, v in state_dict["state"].items()}
+        return state_dict
+
     def load_state_dict(self, state_dict):
-        kept = [{k: g[k] for k in ("backend", "master_weights") if k in g} for g in self.param_groups]
+        kept = [{k: g[k] for k in FT_GROUP_KEYS if k in g} for g in self.param_groups]
         super().load_state_dict(state_dict)
         for group, old in zip(self.param_groups, kept):
             for k, v in old.items():
@@ -99,99 +88,75 @@ class FusedOptimizerMixin:
         # torch casts loaded state to the param dtype; master-weight state is
         # fp32, so take those tensors again from the checkpoint at full precision.
         saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
-        master_groups = {id(p) for g in self.param_groups if g.get("master_weights") for p in g["params"]}
-        for pid, p in zip(saved_ids, params):
-            if id(p) in master_groups and p.dtype in _LOW_PRECISION and pid in state_dict["state"]:
-                for k, v in state_dict["state"][pid].items():
-                    if k != "step" and torch.is_tensor(v) and v.is_floating_point():
-                        self.state[p][k] = v.to(device=p.device, dtype=torch.float32, copy=True)
-        self._ft_plans = {}
+        for group in self.param_groups:
+            for p, pid in zip(group["params"], saved_ids):
+                if uses_master(group, p.dtype) and pid in state_dict["state"]:
+                    for k, v in state_dict["state"][pid].items():
+                        if k != "step" and torch.is_tensor(v) and v.is_floating_point():
+                            self.state[p][k] = v.to(device=p.device, dtype=torch.float32, copy=True)
+        self._ft_cache.clear()
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self._ft_plans = {}
+        self.state = StateDict(self.state)
+        self._ft_cache = PlanCache()
         self.__dict__.setdefault("grad_multiplier", 1.0)
         self.__dict__.setdefault("_ft_sampler", None)
         self._step_supports_amp_scaling = True
 
-    # ---- weight sampling (NOTE [fused weight averaging]) -----------------
+    # ---- fused weight averaging (NOTE [fused weight averaging]) ------------
 
-    def _ft_attach_sampler(self, sampler) -> bool:
-        """Fuse `sampler` into this optimizer's step; False when one already is."""
-        if self.__dict__.get("_ft_sampler") is not None:
+    def attach_averager(self, sampler) -> bool:
+        """Fuse `sampler`'s averaging into this optimizer's step; False when
+        another sampler already is. The sampler provides `averages_for(params,
+        master)`, `begin_step() -> c`, `cancel_step()`, `end_step(c, found_inf)`
+        and `sample_after_step()` (used by the differentiable fallback)."""
+        if self._ft_sampler is not None:
             return False
         self._ft_sampler = sampler
-        self._ft_plans = {}
+        self._ft_cache.clear()
         return True
 
-    def _ft_detach_sampler(self, sampler) -> None:
-        if self.__dict__.get("_ft_sampler") is sampler:
+    def detach_averager(self, sampler) -> None:
+        if self._ft_sampler is sampler:
             self._ft_sampler = None
-            self._ft_plans = {}
+            self._ft_cache.clear()
 
-    # ---- the step -------------------------------------------------------
+    # ---- plans (NOTE [plan cache]) -------------------------------------------
 
-    def _group_plans(self, group) -> _GroupPlans:
-        plans = self.__dict__.setdefault("_ft_plans", {})
-        key = (id(group["params"]), len(group["params"]), group["backend"], bool(group["master_weights"]),
-               *self._plan_flags(group))
-        entry = plans.get(id(group))
-        if entry is not None and entry.key == key and not any(p.grad is not None for p in entry.stateless) \
-                and all(p._local_tensor is local for p, local in entry.shards):
-            return entry
-        entry = self._build_group(group, key)
-        plans[id(group)] = entry
-        return entry
+    def _plan_flags(self, group) -> tuple:
+        """The group switches a plan is built for: a change rebuilds it."""
+        return (group["backend"], bool(group["master_weights"]), *self._family_flags(group))
 
-    def _build_group(self, group, key) -> _GroupPlans:
+    def _build_group(self, group, flags) -> GroupPlans:
         buckets: dict[tuple, list] = {}
         stateless = []
+        backends: dict = {}
         for p in group["params"]:
-            state = self.state[p]
+            state = self.state.get(p)
             if self._needs_state(group, state):
                 if p.grad is None:
                     stateless.append(p)
                     continue
-                self._init_state(group, p, state)
-            master = bool(group["master_weights"]) and p.dtype in _LOW_PRECISION
-            self._normalise_state(p, state, master)
-            buckets.setdefault((p.device, p.dtype, _is_dtensor(p)), []).append(p)
+                state = self._init_state(group, p)
+            master = uses_master(group, p.dtype)
+            if state or master:
+                normalise_state(p, self.state[p], master, backend_for(group, p.device, backends))
+            buckets.setdefault((p.device, p.dtype, is_dtensor(p)), []).append(p)
         plans, shards = [], []
-        for (device, _dtype, sharded), params in buckets.items():
-            backend = _backends.resolve(group["backend"], device)
-            master = bool(group["master_weights"]) and _dtype in _LOW_PRECISION
+        for (device, dtype, sharded), params in buckets.items():
+            backend = backend_for(group, device, backends)
+            master = uses_master(group, dtype)
             plan = self._build_plan(backend, group, params, master)
-            sampler = self.__dict__.get("_ft_sampler")
-            if sampler is not None:
-                averages = sampler._averages_for(params, master)
+            if self._ft_sampler is not None:
+                averages = self._ft_sampler.averages_for(params, master)
                 plan.set_averages(local_shards(averages) if sharded and backend != "reference" else averages)
             if sharded and backend != "reference":
                 shards += [(p, p._local_tensor) for p in params]
             plans.append(plan)
-        return _GroupPlans(key, plans, stateless, shards)
+        return GroupPlans(group, flags, plans, stateless, shards)
 
-    def _normalise_state(self, p, state, master: bool) -> None:
-        """State dtypes/devices as the kernels need them (after a checkpoint
-        load, or a change of master_weights): fp32 with master weights, else
-        the param dtype; `step` a float32 tensor (on the param's device off CPU)."""
-        want = torch.float32 if master else p.dtype
-        for k, v in list(state.items()):
-            if k == "step" or not torch.is_tensor(v) or not v.is_floating_point():
-                continue
-            if k == "master_param" and not master:
-                del state[k]
-            elif v.dtype != want or v.device != p.device:
-                state[k] = v.to(device=p.device, dtype=want)
-        if master and "master_param" not in state:
-            state["master_param"] = p.detach().to(torch.float32, copy=True)
-        step = state.get("step")
-        if step is not None:
-            step_device = p.device if p.device.type != "cpu" else torch.device("cpu")
-            if not torch.is_tensor(step):
-                state["step"] = torch.tensor(float(step), dtype=torch.float32, device=step_device)
-            elif step.device != step_device or step.dtype not in (torch.float32, torch.float64):
-                state["step"] = step.to(device=step_device, dtype=torch.float32)
+    # ---- the step -------------------------------------------------------
 
     def step(self, closure=None):
         """Performs a single optimization step.
@@ -200,12 +165,12 @@ class FusedOptimizerMixin:
             closure (Callable, optional): A closure that reevaluates the model
                 and returns the loss.
         """
-        sampler = self.__dict__.get("_ft_sampler")
+        sampler = self._ft_sampler
         for group in self.param_groups:
             if group.get("differentiable"):
-                loss = self._torch_step(closure)
+                loss = _compat.torch_step(self, closure)
                 if sampler is not None:
-                    sampler._sample_after_step()
+                    sampler.sample_after_step()
                 return loss
         loss = None
         if closure is not None:
@@ -213,83 +178,33 @@ class FusedOptimizerMixin:
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        grad_mul = self.grad_multiplier
-        entries = [self._group_plans(group) for group in self.param_groups]
+        entries = self._ft_cache.lookup(self)
         shards = [pair for entry in entries for pair in entry.shards]
         if shards:
-            _bind_shard_grads(shards)
+            bind_shard_grads(shards)
         try:
             if len(entries) > 1 or len(entries[0].buckets) > 1:
                 # A bad grad in a later plan must not leave the earlier ones stepped.
                 for entry in entries:
                     for plan in entry.buckets:
                         plan.check()
-            avg_coef = sampler._begin_step() if sampler is not None else 0.0
+            avg_coef = sampler.begin_step() if sampler is not None else 0.0
             try:
                 for group, entry in zip(self.param_groups, entries):
+                    hyper = self._hyper(group)
                     for plan in entry.buckets:
-                        self._step_plan(plan, group, grad_mul, grad_scale, found_inf, avg_coef)
+                        self._step_plan(plan, hyper, grad_scale, found_inf, avg_coef)
             except BaseException:
                 if sampler is not None:  # the plans check before writing: nothing was stepped
-                    sampler._cancel_step()
+                    sampler.cancel_step()
                 raise
         finally:
             for _, local in shards:  # the DTensor grads own these; do not keep them alive
                 local.grad = None
         if sampler is not None:
-            sampler._end_step(avg_coef, found_inf)
+            sampler.end_step(avg_coef, found_inf)
         return loss
 
-    def _torch_step(self, closure):
-        """differentiable=True: torch's own (autograd-tracked) implementation."""
-        for base in type(self).__mro__:
-            if base.__module__.startswith("torch.optim") and "step" in base.__dict__:
-                fn = base.__dict__["step"]
-                fn = getattr(fn, "__wrapped__", fn) if getattr(fn, "hooked", False) else fn
-                return fn(self, closure)
-        raise RuntimeError("no torch.optim step to fall back to")
+    def _step_plan(self, plan, hyper, grad_scale, found_inf, avg_coef):
+        return plan.step(hyper, grad_scale, found_inf, avg_coef)
 
-
-# NOTE [DTensor shards]
-# DTensor params (FSDP2's fully_shard, tensor parallel) keep each rank's piece
-# in a plain local tensor. The fused plans run on those: the state tensors are
-# DTensors laid out like their params, so local shards line up element for
-# element, and the step is elementwise. Each step binds the local grad to the
-# local param for the C++/device plans to read, after checking that the grad
-# is placed like its param (a Partial grad would need a reduction first). The
-# plans are rebuilt if a param's local tensor is ever replaced.
-
-
-def _bind_shard_grads(shards) -> None:
-    for p, local in shards:
-        g = p.grad
-        if g is None:
-            local.grad = None
-            continue
-        if not _is_dtensor(g) or g.placements != p.placements or g.device_mesh != p.device_mesh:
-            raise RuntimeError(
-                "fasttricks: a DTensor parameter's grad must be a DTensor placed like the parameter "
-                f"(param {p.placements}, grad {getattr(g, 'placements', type(g).__name__)}); "
-                "redistribute it or use backend='reference'")
-        local.grad = g._local_tensor
-
-
-def _run_with_hooks(self, func, args, kwargs):
-    # The emptiness tests skip building chains on the common no-hook path
-    # (part of the step's host overhead).
-    pre_hooks = self._optimizer_step_pre_hooks
-    for pre_hook in itertools.chain(_global_optimizer_pre_hooks.values(), pre_hooks.values()) \
-            if _global_optimizer_pre_hooks or pre_hooks else ():
-        result = pre_hook(self, args, kwargs)
-        if result is not None:
-            if isinstance(result, tuple) and len(result) == 2:
-                args, kwargs = result
-            else:
-                raise RuntimeError(f"{func} must return None or a tuple of (new_args, new_kwargs), but got {result}.")
-    out = func(*args, **kwargs)
-    self._optimizer_step_code()
-    post_hooks = self._optimizer_step_post_hooks
-    for post_hook in itertools.chain(post_hooks.values(), _global_optimizer_post_hooks.values()) \
-            if post_hooks or _global_optimizer_post_hooks else ():
-        post_hook(self, args, kwargs)
-    return out

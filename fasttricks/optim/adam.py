@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from fasttricks.ops.adam import make_adam_plan
+from fasttricks.ops.adam import AdamHyper, make_adam_plan
 from fasttricks.optim._fused import FusedOptimizerMixin
 
 __all__ = ["Adam", "AdamW"]
@@ -22,29 +22,32 @@ _EXTRA_DOC = """
 
 
 class _AdamFamily(FusedOptimizerMixin):
-    def _plan_flags(self, group):
+    def _family_flags(self, group):
         return (bool(group["amsgrad"]), self._decoupled(group))
 
     def _decoupled(self, group) -> bool:
         return bool(group.get("decoupled_weight_decay", False))
 
     def _needs_state(self, group, state) -> bool:
-        return len(state) == 0
+        return not state
 
-    def _init_state(self, group, p, state) -> None:
+    def _init_state(self, group, p):
         # torch's layout: "step" is a 0-dim float32 tensor, on the param's device
         # off CPU as torch's fused/capturable Adam keeps it.
+        state = self.state[p]
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if p.device.type != "cpu" else "cpu")
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if group["amsgrad"]:
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
 
     def _build_plan(self, backend, group, params, master):
         states = [self.state[p] for p in params]
         if group["amsgrad"]:
-            for p, s in zip(params, states):
-                s.setdefault("max_exp_avg_sq", torch.zeros_like(s["exp_avg_sq"]))
+            for s in states:
+                if "max_exp_avg_sq" not in s:
+                    s["max_exp_avg_sq"] = torch.zeros_like(s["exp_avg_sq"])
         return make_adam_plan(
             backend, params, [s["step"] for s in states], [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states],
@@ -52,11 +55,10 @@ class _AdamFamily(FusedOptimizerMixin):
             [s["master_param"] for s in states] if master else None,
             amsgrad=bool(group["amsgrad"]), decoupled=self._decoupled(group))
 
-    def _step_plan(self, plan, group, grad_mul, grad_scale, found_inf, avg_coef):
+    def _hyper(self, group) -> AdamHyper:
         beta1, beta2 = group["betas"]
-        return plan.step(group["lr"],
-                         float(beta1), float(beta2), group["eps"], group["weight_decay"],
-                         group["maximize"], grad_mul, grad_scale, found_inf, avg_coef)
+        return AdamHyper(group["lr"], float(beta1), float(beta2), group["eps"], group["weight_decay"],
+                         bool(group["maximize"]), self.grad_multiplier)
 
 
 class Adam(_AdamFamily, torch.optim.Adam):

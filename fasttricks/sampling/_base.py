@@ -32,8 +32,8 @@ import torch
 from fasttricks._checks import check_int
 from fasttricks.ops._plan import found_inf_set
 from fasttricks.ops.average import average_reference_
+from fasttricks.optim._plan_cache import state_dtype, uses_master
 
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 _STATE_KEY = "fasttricks_samplers"
 
 
@@ -62,12 +62,9 @@ class WeightSampler:
         if not self.params:
             raise ValueError(f"{type(self).__name__}: the optimizer has no parameters")
         self._index = {id(p): i for i, p in enumerate(self.params)}
-        master_ids = {id(p) for g in optimizer.param_groups if g.get("master_weights") for p in g["params"]}
         with torch.no_grad():
-            self.averages: list[torch.Tensor] = [
-                p.detach().to(torch.float32 if id(p) in master_ids and p.dtype in _LOW_PRECISION else p.dtype,
-                              copy=True)
-                for p in self.params]
+            self.averages: list[torch.Tensor] = [p.detach().to(state_dtype(p.dtype, uses_master(g, p.dtype)), copy=True)
+                                                 for g in optimizer.param_groups for p in g["params"]]
         self.step_in_epoch = 0   # i: optimizer steps in this epoch
         self.samples = 0         # j: samples in the current averaging window
         self.epoch_samples = 0   # samples taken in this epoch
@@ -76,14 +73,14 @@ class WeightSampler:
         self.epoch = 0
         self._handles = []
         self.fused = False
-        if fused is not False and hasattr(optimizer, "_ft_attach_sampler"):
-            self.fused = optimizer._ft_attach_sampler(self)
+        if fused is not False and hasattr(optimizer, "attach_averager"):
+            self.fused = optimizer.attach_averager(self)
         if fused and not self.fused:
             raise RuntimeError(f"{type(self).__name__}(fused=True): the optimizer is not a fasttricks optimizer "
                                "or already has a fused sampler")
         if not self.fused:
             self._handles.append(optimizer.register_step_post_hook(lambda opt, args, kwargs:
-                                                                   self._sample_after_step()))
+                                                                   self.sample_after_step()))
         # Checkpointed with the optimizer: one entry per sampler, keyed by attach order.
         count = optimizer.__dict__.get("_ft_sampler_count", 0)
         optimizer.__dict__["_ft_sampler_count"] = count + 1
@@ -123,7 +120,7 @@ class WeightSampler:
 
     # ---- the step ----------------------------------------------------------
 
-    def _begin_step(self) -> float:
+    def begin_step(self) -> float:
         self.step_in_epoch += 1
         self.total_steps += 1
         try:
@@ -131,16 +128,16 @@ class WeightSampler:
             if not 0.0 <= coef <= 1.0:
                 raise RuntimeError(f"{type(self).__name__}: coefficient {coef} outside [0, 1]")
         except BaseException:
-            self._cancel_step()
+            self.cancel_step()
             raise
         return coef
 
-    def _cancel_step(self) -> None:
-        """Undo _begin_step's count: the step failed before writing anything."""
+    def cancel_step(self) -> None:
+        """Undo begin_step's count: the step failed before writing anything."""
         self.step_in_epoch -= 1
         self.total_steps -= 1
 
-    def _end_step(self, coef: float, found_inf) -> bool:
+    def end_step(self, coef: float, found_inf) -> bool:
         """Count the step's sample unless found_inf skipped it (read only on
         sampling steps); returns whether a sample was taken."""
         sampled = coef != 0.0 and not found_inf_set(found_inf)
@@ -153,10 +150,10 @@ class WeightSampler:
         self.epoch_samples += 1
         self.total_samples += 1
 
-    def _sample_after_step(self) -> None:
+    def sample_after_step(self) -> None:
         """Post-hook path: count the step and lerp toward the updated weights."""
-        coef = self._begin_step()
-        if self._end_step(coef, getattr(self.optimizer, "found_inf", None)):
+        coef = self.begin_step()
+        if self.end_step(coef, getattr(self.optimizer, "found_inf", None)):
             self._lerp_now(coef, only_with_grad=True)
 
     def _lerp_now(self, coef: float, only_with_grad: bool) -> None:
@@ -176,7 +173,7 @@ class WeightSampler:
                 return master
         return p.detach()
 
-    def _averages_for(self, params, master: bool) -> list[torch.Tensor]:
+    def averages_for(self, params, master: bool) -> list[torch.Tensor]:
         """The averages of one fused plan bucket, in the state dtype of that bucket."""
         out = []
         for p in params:
@@ -185,7 +182,7 @@ class WeightSampler:
                 self._add_param(p, master)
                 i = self._index[id(p)]
             avg = self.averages[i]
-            want = torch.float32 if master else p.dtype
+            want = state_dtype(p.dtype, master)
             if avg.dtype != want or avg.device != p.device:
                 avg = self.averages[i] = avg.to(device=p.device, dtype=want)
             out.append(avg)
@@ -195,7 +192,7 @@ class WeightSampler:
         self._index[id(p)] = len(self.params)
         self.params.append(p)
         with torch.no_grad():
-            self.averages.append(p.detach().to(torch.float32 if master else p.dtype, copy=True))
+            self.averages.append(p.detach().to(state_dtype(p.dtype, master), copy=True))
 
     # ---- epoch end ---------------------------------------------------------
 
@@ -286,7 +283,7 @@ class WeightSampler:
             h.remove()
         self._handles = []
         if self.fused:
-            self.optimizer._ft_detach_sampler(self)
+            self.optimizer.detach_averager(self)
             self.fused = False
 
     def state_dict(self) -> dict:
