@@ -1,7 +1,7 @@
 """Mixup blend and the soft-target loss against their eager peers.
 Run: python bench/bench_mixup.py [--device cuda] [--quick]
 
-Cases (SPEC section 6):
+Cases (docs/performance.md):
 * blend: fasttricks' fused in-place flip blend vs timm's eager batch mixup
   (x.flip(0).mul_(1 - lam); x.mul_(lam).add_(flipped)) on an image batch;
 * soft_ce: forward + backward of soft_target_cross_entropy on a factored

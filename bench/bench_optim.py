@@ -1,7 +1,7 @@
 """Optimizer step: fasttricks vs torch.optim (fused, foreach, for-loop), side
 by side on the same shapes. Run: python bench/bench_optim.py [--device cuda] [--quick]
 
-Cases (SPEC section 6): AdamW and SGD momentum/nesterov on ResNet-50 shapes
+Cases (docs/performance.md): AdamW and SGD momentum/nesterov on ResNet-50 shapes
 (25.6M params, 161 tensors) and on 100M params; bf16 params with fp32 master
 weights against torch's upcast + fused + downcast; the host overhead of a
 step on 161 one-element tensors. Rows go to bench/results/optim_<device>.json.

@@ -1,7 +1,7 @@
 """Weight sampling: the fused average against torch's, and its overhead in a
 real training step. Run: python bench/bench_sampling.py [--device cuda] [--quick]
 
-Cases (SPEC section 6):
+Cases (docs/performance.md):
 * adamw_ema: fasttricks AdamW with EMA fused into the step (one memory pass)
   vs torch AdamW(fused=True) + AveragedModel(multi_avg_fn=get_ema_multi_avg_fn)
   (and, for reference, + a bare torch._foreach_lerp_) on ResNet-50 shapes;

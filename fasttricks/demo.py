@@ -1,24 +1,24 @@
 """`fasttricks demo`: a small ResNet trained on real data with several recipes
-over several seeds, and an honest report (SPEC section 5).
+over several seeds, and an honest report (README, the demo).
 
 Recipes share the model initialisation, the data order and the optimizer
 (SGD, momentum 0.9, weight decay 5e-4) of each seed; they differ only in the
 trick they add:
 
     plain_sgd        step decay of the lr at 50% and 75% of the run
-    bag_of_tricks    seed 001: warmup + cosine, label smoothing 0.1, mixup 0.2,
+    bag_of_tricks    Bag of Tricks: warmup + cosine, label smoothing 0.1, mixup 0.2,
                      no bias decay, zero gamma
-    pswa, pwalks,    plain_sgd + the sampler (seed 000), params reassigned and
+    pswa, pwalks,    plain_sgd + the sampler (Tripathi & Shah), params reassigned and
     pswm             BN recalibrated on 20% of the data at every epoch end
     swa              plain_sgd + SWA from 75% of the run (evaluated with the
                      average and recalibrated BN)
     ema              plain_sgd + EMA (evaluated with the averaged weights)
-    random_gradient  plain_sgd + random gradient (seed 004), r ~ U(0, 1)
+    random_gradient  plain_sgd + random gradient (Wei), r ~ U(0, 1)
                      folded into the fused step
 
 The report gives the final accuracy (mean +- sd over seeds), the standard
 deviation of test accuracy over the last epochs and the share of epochs that
-improve / stay within 0.2 points (seed 000, Tables 4-5), time per epoch and
+improve / stay within 0.2 points (Tripathi & Shah, Tables 4-5), time per epoch and
 the sampling overhead against plain_sgd. Nothing is tuned per recipe.
 """
 from __future__ import annotations
@@ -174,7 +174,7 @@ def train_recipe(recipe: str, seed: int, data, cfg: DemoConfig) -> dict:
 
 
 def stability(curves: list[list[float]], last: int) -> dict:
-    """Seed 000 Tables 4-5: SD of test accuracy over the last `last` epochs,
+    """Tripathi & Shah's Tables 4-5: SD of test accuracy over the last `last` epochs,
     and the share of epochs that improve on the previous epoch, stay within
     0.2 points of it, and stay within 0.2 points of the best so far."""
     sds, improve, within_prev, within_best, n = [], 0, 0, 0, 0

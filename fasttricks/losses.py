@@ -1,4 +1,4 @@
-"""Soft-target cross-entropy and knowledge distillation (SPEC section 3).
+"""Soft-target cross-entropy and knowledge distillation (docs/tricks.md).
 
 For a MixedTarget (fasttricks.mixup) the target row is
 t = on * (lam * onehot(y_a) + (1 - lam) * onehot(y_b)) + off, with sum(t) = 1, so
@@ -115,7 +115,7 @@ def soft_target_cross_entropy(logits: torch.Tensor, target, reduction: str = "me
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target, T: float = 1.0,
                       reduction: str = "mean") -> torch.Tensor:
-    """Knowledge distillation (seed 001, eq. 6):
+    """Knowledge distillation (Bag of Tricks, eq. 6):
 
         CE(p, softmax(z)) + T^2 * CE(softmax(r / T), softmax(z / T))
 

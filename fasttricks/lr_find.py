@@ -1,4 +1,4 @@
-"""The learning-rate range test (Smith; slides 003): train for a few batches
+"""The learning-rate range test (Smith; Kolasiński's slides): train for a few batches
 while the lr sweeps from `start_lr` to `end_lr`, record the smoothed loss,
 stop when it diverges, and suggest the lr where the loss falls fastest.
 Model, optimizer (and its samplers) and the RNG are restored afterwards."""

@@ -1,4 +1,4 @@
-"""Mixup and CutMix with factored targets (SPEC section 3; seed 001 section 5.4).
+"""Mixup and CutMix with factored targets (docs/tricks.md; Bag of Tricks, section 5.4).
 
     mixer = Mixup(alpha=0.2, num_classes=10, label_smoothing=0.1)
     x, target = mixer.mix(x, y)            # x blended (in place with flip pairing)
@@ -20,18 +20,19 @@ from fasttricks.ops.mixup import mixup_blend
 
 __all__ = ["Mixup", "MixedTarget", "mixup", "smoothing_coefficients"]
 
-SMOOTHING_MODES = ("torch", "001")
+# "001" is the first name of "bag_of_tricks", kept for existing code.
+SMOOTHING_MODES = ("torch", "bag_of_tricks", "001")
 
 
 def smoothing_coefficients(smoothing: float, num_classes: int, mode: str = "torch") -> tuple[float, float]:
     """(on, off) with target = on * label_mix + off: torch's convention gives
-    (1-eps) on the label plus eps/K everywhere; seed 001's gives 1-eps on the
-    label and eps/(K-1) elsewhere."""
+    (1-eps) on the label plus eps/K everywhere; the Bag of Tricks paper's
+    ("bag_of_tricks") gives 1-eps on the label and eps/(K-1) elsewhere."""
     if mode == "torch":
         return 1.0 - smoothing, smoothing / num_classes
-    if mode == "001":
+    if mode in ("bag_of_tricks", "001"):
         if num_classes < 2:
-            raise ValueError("label smoothing mode '001' needs num_classes >= 2")
+            raise ValueError(f"label smoothing mode {mode!r} needs num_classes >= 2")
         off = smoothing / (num_classes - 1)
         return 1.0 - smoothing - off, off
     raise ValueError(f"smoothing mode must be one of {SMOOTHING_MODES}, got {mode!r}")
@@ -115,7 +116,7 @@ class Mixup:
         pairing: "flip" (row i with B-1-i, in place) or "random" (a random
             permutation, out of place).
         correct_lam: CutMix's lam is recomputed from the clipped box area.
-        smoothing_mode: "torch" or "001" (see smoothing_coefficients).
+        smoothing_mode: "torch" or "bag_of_tricks" (see smoothing_coefficients).
         backend: blend backend ("auto" | "reference" | "cpu" | "triton" | "cuda").
         seed: seeds the sampler's own generator (lam, boxes, permutations).
 

@@ -1,4 +1,4 @@
-"""Learning-rate schedules as torch `LRScheduler`s (SPEC section 4).
+"""Learning-rate schedules as torch `LRScheduler`s (docs/tricks.md).
 
 Each schedule is a closed form `lr_at(t, base_lr)` of the scheduler's step
 count t (t = 0 before the first `.step()`), so the value does not drift
@@ -52,7 +52,7 @@ class _ClosedForm(LRScheduler):
 
 
 class Warmup(_ClosedForm):
-    """Gradual linear warmup (seed 001): lr = base * (t + 1) / warmup_steps for
+    """Gradual linear warmup (Bag of Tricks): lr = base * (t + 1) / warmup_steps for
     t < warmup_steps (so batch i = t + 1 gets i * eta / m), then the schedule
     `after` (another fasttricks schedule on the same optimizer, counted from
     the end of the warmup), or the base lr when `after` is None.
@@ -114,7 +114,7 @@ class StepDecay(_ClosedForm):
 
 
 class CosineDecay(_ClosedForm):
-    """Cosine decay (seed 001): lr = eta_min + (base - eta_min) * (1 + cos(pi t / T_max)) / 2,
+    """Cosine decay (Bag of Tricks): lr = eta_min + (base - eta_min) * (1 + cos(pi t / T_max)) / 2,
     then eta_min after T_max (torch's CosineAnnealingLR would rise again)."""
 
     def __init__(self, optimizer, T_max: int, eta_min: float = 0.0, last_epoch: int = -1):
@@ -334,7 +334,7 @@ class OneCycle(_MomentumCycling, _ClosedForm):
 
 
 def warmup_cosine(optimizer, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> Warmup:
-    """The seed 001 recipe: linear warmup over `warmup_steps`, then cosine decay
+    """The Bag of Tricks recipe: linear warmup over `warmup_steps`, then cosine decay
     to `min_lr` at `total_steps` (both counted in scheduler steps)."""
     _check_int("warmup_steps", warmup_steps, 1)
     _check_int("total_steps", total_steps, 1)
@@ -345,7 +345,7 @@ def warmup_cosine(optimizer, warmup_steps: int, total_steps: int, min_lr: float 
 
 
 def linear_scaling_lr(base_lr: float = 0.1, batch_size: int = 256, base_batch_size: int = 256) -> float:
-    """The linear scaling rule (Goyal et al.; seed 001): lr = base_lr * batch_size / base_batch_size."""
+    """The linear scaling rule (Goyal et al.; Bag of Tricks): lr = base_lr * batch_size / base_batch_size."""
     _check_positive("base_lr", base_lr)
     _check_int("batch_size", batch_size, 1)
     _check_int("base_batch_size", base_batch_size, 1)

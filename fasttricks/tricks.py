@@ -1,6 +1,6 @@
-"""Bag-of-Tricks helpers (SPEC section 4): random gradient (seed 004), no bias
-decay and zero gamma (seed 001), Fixup/ZeroInit-style initialisation and
-shake-shake regularisation (slides 003)."""
+"""Bag-of-Tricks helpers (docs/tricks.md): random gradient (Wei), no bias
+decay and zero gamma (Bag of Tricks), Fixup/ZeroInit-style initialisation and
+shake-shake regularisation (Kolasiński's slides)."""
 from __future__ import annotations
 
 import torch
@@ -15,10 +15,10 @@ _NORMS = (_NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
 
 class RandomGradient:
-    """Random gradient (seed 004): the loss of each step is multiplied by r,
+    """Random gradient (Wei; docs/tricks.md): the loss of each step is multiplied by r,
     r ~ U(low, high) ("uniform", default [0, 1]), or r following a triangular
     wave from low to high and back over 2 * `step_size` steps ("cyclic", the
-    seed's future work with Smith's cyclical strategy).
+    paper's future work with Smith's cyclical strategy).
 
         rg = RandomGradient()
         loss = rg(loss_fn(model(x), y)); loss.backward()   # scales the loss
@@ -91,7 +91,7 @@ class RandomGradient:
 
 
 def param_groups(model: nn.Module, weight_decay: float, no_bias_decay: bool = True) -> list[dict]:
-    """Parameter groups for an optimizer (seed 001, "no bias decay"): weight
+    """Parameter groups for an optimizer (Bag of Tricks, "no bias decay"): weight
     decay on conv / linear weights only; biases and normalisation-layer
     parameters (BN/LN/GN gamma and beta) go to a group with weight_decay=0.
     Frozen params (requires_grad=False) are left out. With
@@ -116,7 +116,7 @@ def param_groups(model: nn.Module, weight_decay: float, no_bias_decay: bool = Tr
 
 @torch.no_grad()
 def zero_gamma_(model: nn.Module) -> int:
-    """Zero gamma (seed 001): set gamma = 0 in the last BN of every residual
+    """Zero gamma (Bag of Tricks): set gamma = 0 in the last BN of every residual
     block, so each block starts as the identity. Blocks are modules with a
     `last_norm` (fasttricks.models) or torchvision-style BasicBlock (bn2) /
     Bottleneck (bn3). Returns the number of blocks changed."""
@@ -133,7 +133,7 @@ def zero_gamma_(model: nn.Module) -> int:
 
 @torch.no_grad()
 def fixup_init_(model: nn.Module) -> int:
-    """Fixup-style initialisation (Zhang et al. 2019; "ZeroInit" in slides 003)
+    """Fixup-style initialisation (Zhang et al. 2019; "ZeroInit" in Kolasiński's slides)
     for a network of L residual blocks with m convs per branch: He-initialise
     the branch convs, scale all but the last by L ** (-1 / (2m - 2)), zero the
     last conv of each branch, and zero the final linear layer, so that every

@@ -59,7 +59,7 @@ def max_err(xs, ref):
 
 
 def assert_close_rule(ours, peer, truth, floor=1e-7, factor=2.0):
-    """DESIGN.md's rule: our error against the fp64 truth is at most 2x the
+    """The low-precision rule of docs/architecture.md: our error against the fp64 truth is at most 2x the
     error of a plain torch computation in the same precision (plus a tiny floor
     for the cases where that peer happens to be exact)."""
     err, peer_err = max_err(ours, truth), max_err(peer, truth)
@@ -80,7 +80,7 @@ def assert_param_is_rounded_master(backend, params, masters, dtype):
 
 
 def rule_factor(backend, dtype):
-    """2x per DESIGN.md; Triton's CPU interpreter truncates every 16-bit store
+    """2x per docs/architecture.md; Triton's CPU interpreter truncates every 16-bit store
     instead of rounding to nearest (see above), which doubles its drift."""
     low = dtype in (torch.bfloat16, torch.float16)
     return 4.0 if low and backend == "triton" and _backends.triton_interpreting() else 2.0

@@ -1,4 +1,4 @@
-"""The GPU paths compile on this CPU-only machine (DESIGN.md): every Triton
+"""The GPU paths compile on this CPU-only machine (docs/architecture.md): every Triton
 kernel variant the host can launch, ahead of time for sm_90, and the CUDA
 kernels with nvcc -arch=sm_90."""
 import os

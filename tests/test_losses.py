@@ -26,7 +26,7 @@ def test_unmixed_target_equals_torch_label_smoothing(smoothing):
     torch.testing.assert_close(g1, g2)
 
 
-@pytest.mark.parametrize("smoothing, mode", [(0.0, "torch"), (0.2, "torch"), (0.2, "001")])
+@pytest.mark.parametrize("smoothing, mode", [(0.0, "torch"), (0.2, "torch"), (0.2, "bag_of_tricks"), (0.2, "001")])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_factored_equals_dense_soft_target(smoothing, mode, reduction):
     t = target(smoothing=smoothing, mode=mode)
@@ -42,8 +42,8 @@ def test_factored_equals_dense_soft_target(smoothing, mode, reduction):
     torch.testing.assert_close(F.cross_entropy(logits, dense, reduction=reduction), ref)  # torch agrees
 
 
-def test_seed_001_smoothing_convention():
-    t = MixedTarget(torch.tensor([2]), torch.tensor([2]), torch.ones(1), 5, 0.1, "001")
+def test_bag_of_tricks_smoothing_convention():
+    t = MixedTarget(torch.tensor([2]), torch.tensor([2]), torch.ones(1), 5, 0.1, "bag_of_tricks")
     torch.testing.assert_close(t.dense(), torch.tensor([[0.025, 0.025, 0.9, 0.025, 0.025]]))
 
 

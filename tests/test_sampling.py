@@ -1,4 +1,4 @@
-"""Weight sampling (SPEC section 2): each method's average against its formula
+"""Weight sampling (docs/sampling.md): each method's average against its formula
 over a recorded weight trajectory, against torch.optim.swa_utils where torch
 has the method, fused vs post-hook on every backend, master weights, resume,
 found_inf, evaluation swaps and checkpoints."""

@@ -1,4 +1,4 @@
-"""Schedules (SPEC section 4) step by step against torch's, the seed's
+"""Schedules (docs/tricks.md) step by step against torch's, Bag of Tricks'
 formulas, state_dict round trips, tensor lr and bad arguments."""
 import copy
 import math

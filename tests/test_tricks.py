@@ -1,5 +1,5 @@
 """Random gradient, no bias decay, zero gamma, Fixup init, shake-shake, and
-the torchvision-free ResNets (seed 001 section 4)."""
+the torchvision-free ResNets (Bag of Tricks, section 4)."""
 import pytest
 import torch
 from torch import nn

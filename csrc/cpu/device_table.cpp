@@ -2,12 +2,13 @@
 // has the format and a pure-Python equivalent): validates a step's params and
 // grads, packs the pointer table, and bumps the step counters. In C++ because
 // the Python loop over 161 params cost about a millisecond a step, far over
-// the GPU host-overhead target (SPEC: <= 50 us). Only tensor metadata is read
+// the GPU host-overhead target (docs/performance.md: <= 50 us). Only tensor metadata is read
 // here; the table copy and the counter bump are torch ops on the device.
 #include "device_table.h"
 
 #include <ATen/ops/_foreach_add.h>
 #include <ATen/ops/_foreach_sub.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
 
 namespace fasttricks {
 namespace cpu {
@@ -93,7 +94,6 @@ DeviceTable::Packed DeviceTable::gather() {
   const int64_t n_rows = 2 + static_cast<int64_t>(rows_.size() + flags_.size());
   Scratch scratch;
   last_.clear();
-  std::vector<int64_t> ptrs;   // row-major [n_rows, n], filled row by row below
   std::vector<const void*> cols;  // per gathered param: param, grad, then rows
   std::vector<int64_t> numels;
   const size_t n_cols = 2 + rows_.size();
@@ -137,34 +137,27 @@ DeviceTable::Packed DeviceTable::gather() {
   const int64_t n = static_cast<int64_t>(last_.size());
   if (n == 0) return Packed{0, {}, {}, {}};
 
-  std::vector<int64_t> host(static_cast<size_t>(n_rows * n + n));
+  // The pointer rows and numels: O(params). The chunk lists after them are
+  // O(elements / chunk) (27 MB for a 7B model), so they are rebuilt only when
+  // this part changed.
+  std::vector<int64_t> head(static_cast<size_t>(n_rows * n + n));
   for (int64_t k = 0; k < n; ++k) {
     for (size_t c = 0; c < n_cols; ++c) {
-      host[c * n + k] = reinterpret_cast<int64_t>(cols[k * n_cols + c]);
+      head[c * n + k] = reinterpret_cast<int64_t>(cols[k * n_cols + c]);
     }
-    for (size_t f = 0; f < flags_.size(); ++f) host[(n_cols + f) * n + k] = flags_[f][last_[k]];
-    host[n_rows * n + k] = numels[k];
+    for (size_t f = 0; f < flags_.size(); ++f) head[(n_cols + f) * n + k] = flags_[f][last_[k]];
+    head[n_rows * n + k] = numels[k];
   }
-  int64_t n_chunks = 0;
-  for (int64_t k = 0; k < n; ++k) {
-    for (int64_t s = 0; s < numels[k]; s += chunk_) {
-      host.push_back(k);
-      ++n_chunks;
+  if (head != key_) upload(std::move(head), numels, n_rows);
+  if (!device_.is_cpu()) {
+    // The kernel reads the device table on the current stream: if that is not
+    // the stream it was uploaded on, the caching allocator must know before
+    // the table is freed (at the next rebuild).
+    const c10::Stream stream = c10::impl::VirtualGuardImpl(device_.type()).getStream(device_);
+    if (stream != table_stream_) {
+      tables_[0].record_stream(stream);
+      table_stream_ = stream;
     }
-  }
-  for (int64_t k = 0; k < n; ++k) {
-    for (int64_t s = 0; s < numels[k]; s += chunk_) host.push_back(s);
-  }
-
-  if (host != key_) {  // a pointer, a flag or a size changed: one copy to the device
-    at::Tensor buf = at::tensor(host, at::kLong);
-    if (!device_.is_cpu()) buf = buf.to(device_, /*non_blocking=*/true);
-    const int64_t R = n_rows;
-    const int64_t C = n_chunks;
-    tables_ = {buf.narrow(0, 0, R * n), buf.narrow(0, R * n, n), buf.narrow(0, R * n + n, C),
-               buf.narrow(0, R * n + n + C, C)};
-    n_chunks_ = C;
-    key_ = std::move(host);
   }
   if (step_row_ >= 0 && !rows_[step_row_].empty()) {
     steps_.clear();
@@ -173,6 +166,34 @@ DeviceTable::Packed DeviceTable::gather() {
   }
   return Packed{n, std::make_tuple(tables_[0], tables_[1], tables_[2], tables_[3], n, n_chunks_),
                 std::move(scratch.writeback), std::move(scratch.keep)};
+}
+
+void DeviceTable::upload(std::vector<int64_t> head, const std::vector<int64_t>& numels, int64_t n_rows) {
+  const int64_t n = static_cast<int64_t>(numels.size());
+  int64_t n_chunks = 0;
+  for (int64_t numel : numels) n_chunks += (numel + chunk_ - 1) / chunk_;
+  const int64_t size = static_cast<int64_t>(head.size()) + 2 * n_chunks;
+  // Off the CPU: staged in pinned memory and copied without blocking (a
+  // pageable copy can stall the host behind the GPU). The caching host
+  // allocator keeps the pinned block until the copy has run.
+  at::Tensor host = at::empty({size}, at::TensorOptions().dtype(at::kLong).pinned_memory(!device_.is_cpu()));
+  int64_t* out = host.mutable_data_ptr<int64_t>();
+  std::copy(head.begin(), head.end(), out);
+  int64_t* chunk_tensor = out + head.size();
+  int64_t* chunk_start = chunk_tensor + n_chunks;
+  for (int64_t k = 0, c = 0; k < n; ++k) {
+    for (int64_t s = 0; s < numels[k]; s += chunk_, ++c) {
+      chunk_tensor[c] = k;
+      chunk_start[c] = s;
+    }
+  }
+  at::Tensor buf = device_.is_cpu() ? host : host.to(device_, /*non_blocking=*/true);
+  const int64_t R = n_rows;
+  tables_ = {buf.narrow(0, 0, R * n), buf.narrow(0, R * n, n), buf.narrow(0, R * n + n, n_chunks),
+             buf.narrow(0, R * n + n + n_chunks, n_chunks)};
+  n_chunks_ = n_chunks;
+  key_ = std::move(head);
+  if (!device_.is_cpu()) table_stream_ = c10::impl::VirtualGuardImpl(device_.type()).getStream(device_);
 }
 
 void DeviceTable::unbump_steps(const at::Tensor& found_inf) {

@@ -2,6 +2,8 @@
 #pragma once
 #include "multi_tensor.h"
 
+#include <c10/core/Stream.h>
+
 #include <array>
 #include <string>
 #include <tuple>
@@ -41,6 +43,7 @@ class DeviceTable {
 
  private:
   void refresh();
+  void upload(std::vector<int64_t> head, const std::vector<int64_t>& numels, int64_t n_rows);
   void check_grad(const at::Tensor& p, const at::Tensor& g) const;
   bool layout_unchanged(size_t i) const;
 
@@ -56,8 +59,9 @@ class DeviceTable {
   std::vector<std::vector<int64_t>> layout_;  // each param's sizes then strides when checked
   std::vector<int64_t> last_;                 // params gathered by the last step
   std::vector<at::Tensor> steps_;             // their step counters
-  std::vector<int64_t> key_;                  // the host table behind tables_
-  std::array<at::Tensor, 4> tables_;
+  std::vector<int64_t> key_;                  // the pointer rows and numels behind tables_
+  std::array<at::Tensor, 4> tables_;          // views of one buffer on the device
+  c10::Stream table_stream_{c10::Stream::DEFAULT, c10::Device(c10::kCPU)};  // where tables_ is known to be used
   int64_t n_chunks_ = 0;
 };
 

@@ -207,7 +207,7 @@ constexpr int kMaxSlots = 4;
 // One parameter's memory for one step, as the kernels see it: flat runs of
 // `numel` elements in the same order for all of them. Raw pointers, not
 // tensors: copying tensor handles costs atomics (and a vector, a malloc) per
-// parameter, which was most of the host overhead of a step (SPEC: <= 20 us
+// parameter, which was most of the host overhead of a step (docs/performance.md: <= 20 us
 // for 161 tiny tensors).
 struct Gathered {
   int64_t index;              // position in the plan

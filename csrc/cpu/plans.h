@@ -1,12 +1,12 @@
 // A plan holds references to one (device, dtype) bucket of parameters and
 // their optimizer state, built once by the Python optimizer and reused every
 // step: the step reads each parameter's .grad in C++, so the per-step host
-// cost is one call with scalars (SPEC: <= 20 us for 161 tiny tensors).
+// cost is one call with scalars (docs/performance.md: <= 20 us for 161 tiny tensors).
 //
-// NOTE [plan cache]
+// NOTE [plan cache] (fasttricks/optim/_plan_cache.py, docs/architecture.md)
 // The state tensors (and attached averages) belong to the plan: the Python
-// optimizer rebuilds its plans whenever it replaces them (load_state_dict, a
-// new sampler), and samplers load averages in place. So their dtype, shape,
+// optimizer rebuilds its plans whenever any of them is replaced, and samplers
+// load averages in place. So their dtype, shape,
 // layout and memory are checked once, when the plan is built, and a step
 // reads only the param, its grad and the cached pointers. Whatever a step
 // cannot vouch for (a param whose layout no longer matches the one recorded,

@@ -1,6 +1,6 @@
 // Interface between the torch binding (bindings.cpp) and the plain-CUDA
 // kernels (optim_kernels.cu). No torch headers: the .cu compiles with nvcc
-// alone (DESIGN.md), so CI checks it on machines whose torch has no CUDA.
+// alone (docs/architecture.md), so CI checks it on machines whose torch has no CUDA.
 #pragma once
 #include <cstdint>
 #include <cuda_runtime.h>

@@ -1,6 +1,6 @@
-"""ResNet-18/34/50 with the Bag-of-Tricks tweaks (seed 001, section 4), torchvision-free.
+"""ResNet-18/34/50 with the Bag-of-Tricks tweaks (He et al., section 4; docs/sources.md), torchvision-free.
 
-Variants are cumulative, as in the seed's Figure 2:
+Variants are cumulative, as in Bag of Tricks, Figure 2:
     "A": the original ResNet (7x7 stem, stride-2 1x1 convs at downsampling);
     "B": A, with the stride of the bottleneck's downsampling moved from its
          first 1x1 conv to the 3x3 conv (path A sees every input position);
@@ -11,7 +11,7 @@ Variants are cumulative, as in the seed's Figure 2:
 `small_input=True` is the CIFAR-style stem for small images: one 3x3
 stride-1 conv and no max pool (the C stem keeps its three convs, all stride 1).
 `zero_gamma=True` initialises the last BN of every residual block to 0
-(seed 001, section 3.1), so each block starts as the identity.
+(Bag of Tricks, section 3.1), so each block starts as the identity.
 """
 from __future__ import annotations
 

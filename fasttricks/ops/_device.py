@@ -235,7 +235,8 @@ class DevicePlan(PlanBase):
                     chunk_start.append(s)
             flat = [v for r in ptr_rows for v in r] + numels + chunk_tensor + chunk_start
             host = torch.tensor(flat, dtype=torch.int64)
-            buf = host.to(self.device, non_blocking=True) if self.device.type != "cpu" else host
+            # Off the CPU: through pinned memory, so that the copy does not block the host.
+            buf = host.pin_memory().to(self.device, non_blocking=True) if self.device.type != "cpu" else host
             R, C = len(self.ROWS), len(chunk_tensor)
             self._tables = (buf[: R * n], buf[R * n: R * n + n], buf[R * n + n: R * n + n + C],
                             buf[R * n + n + C:], n, C)

@@ -1,4 +1,4 @@
-"""The weight-averaging update shared by every sampling method (SPEC section 2):
+"""The weight-averaging update shared by every sampling method (docs/sampling.md):
 
     w_hat <- w_hat + c * (w - w_hat)
 

@@ -1,4 +1,4 @@
-"""Drop-in SGD and SGDW (decoupled weight decay, slides 003) with a fused step."""
+"""Drop-in SGD and SGDW (decoupled weight decay, Kolasiński's slides) with a fused step."""
 from __future__ import annotations
 
 import torch

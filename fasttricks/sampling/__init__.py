@@ -1,5 +1,5 @@
-"""Periodic weight sampling and averaging (SPEC section 2): PSWA, PWALKS,
-PSWM (seed 000), SWA, EMA and the BachEpoch / BachBatch baselines, fused into
+"""Periodic weight sampling and averaging (docs/sampling.md): PSWA, PWALKS,
+PSWM (Tripathi & Shah), SWA, EMA and the BachEpoch / BachBatch baselines, fused into
 the fasttricks optimizers' step or attached to any torch optimizer.
 
     opt = fasttricks.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

@@ -11,7 +11,7 @@ of that step (0 = this step is not sampled); the update
 * as a step post-hook (a foreach lerp) for any other torch optimizer, and for
   the second and further samplers on one fasttricks optimizer.
 
-Counting: `step_in_epoch` (i in SPEC section 2, 1-based) advances on every
+Counting: `step_in_epoch` (i in docs/sampling.md, 1-based) advances on every
 optimizer step, a GradScaler-skipped one included (it consumed a batch);
 a skipped step adds no sample (NOTE [found_inf contract]). Finding out
 whether a sampling step was skipped reads `found_inf` on the host, so under

@@ -1,10 +1,10 @@
-"""BatchNorm recalibration after the weights were replaced (SPEC section 2).
+"""BatchNorm recalibration after the weights were replaced (docs/sampling.md).
 
 Averaged weights do not match the running statistics the BN layers collected
 along the way, so after a reassignment the statistics are recomputed: reset,
 then a forward pass over ceil(fraction * batches) training batches in train
 mode with cumulative averaging (momentum=None), as
-torch.optim.swa_utils.update_bn does for fraction = 1 (seed 000's beta).
+torch.optim.swa_utils.update_bn does for fraction = 1 (Tripathi & Shah's beta).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The averaging methods of SPEC section 2 (seeds 000 and 002).
+"""The averaging methods of docs/sampling.md (Tripathi & Shah; SWA).
 
 Every method updates w_hat <- w_hat + c_t (w - w_hat); they differ only in
 which steps sample, the coefficient c_t, and what happens at epoch end.
@@ -41,7 +41,7 @@ class _Periodic(_Configured):
 
 
 class PSWA(_Periodic):
-    """Periodically Sampled Weight Averaging (seed 000, eq. 4).
+    """Periodically Sampled Weight Averaging (Tripathi & Shah, eq. 4).
 
     Each epoch, n = max(1, ceil(alpha * b)) steps are sampled, one drawn at
     random inside each of n equal strides of the epoch; the average is their
@@ -70,7 +70,7 @@ class PSWA(_Periodic):
 
 
 class PWALKS(_Periodic):
-    """Periodic Weight Averaging over the Last K Samples (seed 000, eq. 5).
+    """Periodic Weight Averaging over the Last K Samples (Tripathi & Shah, eq. 5).
 
     Samples every step with i > b (1 - k), i.e. the last max(1, ceil(k b))
     steps of the epoch, and keeps their running mean (c = 1/j); epoch end as
@@ -94,13 +94,13 @@ class PWALKS(_Periodic):
 
 
 class PSWM(PSWA):
-    """Periodically Sampled Weight Momentum (seed 000, eq. 6, as intended).
+    """Periodically Sampled Weight Momentum (Tripathi & Shah, eq. 6, as intended).
 
     Samples on PSWA's schedule (alpha, seed), but keeps an exponential
     running weight: the first sample of the epoch copies the weights (c = 1),
     later ones do w_hat <- (1 - m) w_hat + m w (c = m); epoch end as PSWA.
 
-    The seed's printed eq. 6 is degenerate (with m = 1 it yields w / i, not
+    Tripathi & Shah's printed eq. 6 is degenerate (with m = 1 it yields w / i, not
     plain SGD as its text says). This implements the stated intent instead:
     m = 1 with alpha = 1 reproduces plain training exactly.
     """
@@ -118,14 +118,14 @@ class PSWM(PSWA):
 
 
 class SWA(_Configured):
-    """Stochastic Weight Averaging (Izmailov et al.; the seed's baseline).
+    """Stochastic Weight Averaging (Izmailov et al.; a baseline of Tripathi & Shah).
 
     From epoch `start_epoch` (0-based) on, samples once per epoch (its last
     step, b) or, with `every_step=True`, every step, and keeps the running
     mean of all samples since then (c = 1/j, never reset), as
     torch.optim.swa_utils.AveragedModel does. The params are left alone until
     you call `assign()` at the end of training; `reassign_every_epoch=True`
-    is the seed 000 baseline variant that copies the mean into the params at
+    is Tripathi & Shah's baseline variant that copies the mean into the params at
     every epoch end.
     """
 
@@ -158,7 +158,7 @@ class SWA(_Configured):
 
 class _Bach(_Configured):
     """Linearly weighted averaging (Lacoste-Julien, Schmidt and Bach 2012),
-    the seed 000 baselines: the t-th sample gets c = 2/(t+1), so w_hat is the
+    Tripathi & Shah's baselines: the t-th sample gets c = 2/(t+1), so w_hat is the
     average of the samples weighted by t. Never reset; the params are
     reassigned at every epoch end."""
 

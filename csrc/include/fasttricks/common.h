@@ -1,5 +1,5 @@
 // Shared by the CPU (at::vec) and CUDA kernels. No torch headers here: the
-// .cu files include this and must compile with plain nvcc (see DESIGN.md).
+// .cu files include this and must compile with plain nvcc (see docs/architecture.md).
 #pragma once
 
 // Always inlined: a math helper left out of line (GCC did that to the

@@ -1,5 +1,5 @@
 // NOTE [mixup blend math]
-// Mixup (seed 001, section 3; SPEC section 3) blends two samples:
+// Mixup (Bag of Tricks, section 3; docs/tricks.md) blends two samples:
 //     x_mix = lam * a + (1 - lam) * b
 // evaluated in fp32 (fp64 for fp64 inputs) exactly in this order by every
 // backend. Integer (uint8) images round half up and clamp to [0, 255]; a
