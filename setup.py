@@ -102,7 +102,9 @@ def extensions():
             sorted(glob.glob("csrc/cpu/*.cpp")),
             include_dirs=INCLUDE,
             # -fopenmp: at::parallel_for is inlined here; it links torch's own libgomp.
-            extra_compile_args=["-O3", "-fopenmp", "-std=c++17", *CPU_ISAS[isa][1]],
+            # -ffp-contract=off: no a*b + c*d contracted into an FMA where -mfma allows it, so
+            # every ISA variant rounds as the reference does (docs/precision.md).
+            extra_compile_args=["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off", *CPU_ISAS[isa][1]],
             extra_link_args=["-fopenmp"],
         )
         for isa in isas

@@ -4,7 +4,8 @@ by side on the same shapes. Run: python bench/bench_optim.py [--device cuda] [--
 Cases (docs/performance.md): AdamW and SGD momentum/nesterov on ResNet-50 shapes
 (25.6M params, 161 tensors) and on 100M params; bf16 params with fp32 master
 weights against torch's upcast + fused + downcast; the host overhead of a
-step on 161 one-element tensors. Rows go to bench/results/optim_<device>.json.
+step on 161 and on 10,000 one-element tensors (torch fused and foreach beside
+it). Rows go to bench/results/optim_<device>.json.
 """
 from __future__ import annotations
 
@@ -35,8 +36,11 @@ def resnet50_shapes():
 SHAPE_SETS = {
     "resnet50": resnet50_shapes(),            # 161 tensors, 25.56M params
     "100M": [(4096, 4096)] * 5 + [(4096,)] * 100 + [(1000, 4019)],
-    "161_tiny": [(1,)] * 161,
+    "161_tiny": [(1,)] * 161,                # host overhead: a step's fixed cost per param
+    "10k_tiny": [(1,)] * 10000,
 }
+# Host-overhead sets: (timed calls interleaved, calls in a row per round).
+TINY = {"161_tiny": (100, 50), "10k_tiny": (10, 5)}
 
 
 def make(shapes, device, dtype=torch.float32):
@@ -98,25 +102,29 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="skip the 100M-param set")
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--sets", default=None, help=f"comma-separated subset of {','.join(SHAPE_SETS)}")
     args = ap.parse_args(argv)
     device = args.device
     rows = []
-    sets = ["resnet50", "161_tiny"] + ([] if args.quick else ["100M"])
+    sets = args.sets.split(",") if args.sets else ["resnet50", "161_tiny", "10k_tiny"] + ([] if args.quick else ["100M"])
+    if any(s not in SHAPE_SETS for s in sets):
+        raise SystemExit(f"--sets takes a comma-separated subset of {','.join(SHAPE_SETS)}")
     for set_name in sets:
         shapes = SHAPE_SETS[set_name]
         numel = sum(torch.Size(s).numel() for s in shapes)
-        ceiling = ceiling_gbps(numel, device) if set_name != "161_tiny" else None
+        tiny = set_name in TINY
+        ceiling = ceiling_gbps(numel, device) if not tiny else None
         for case, impls in opt_cases(device).items():
-            if set_name == "161_tiny" and case not in ("adamw", "sgd_momentum"):
+            if tiny and case not in ("adamw", "sgd_momentum"):
                 continue
             fns = {name: factory(shapes) for name, factory in impls.items()}
-            times = compare(fns, device=device, iters=args.iters if set_name != "161_tiny" else 100, warmup=3)
-            warm = compare(fns, device=device, warmup=1, iters=10, block=50) if set_name == "161_tiny" else {}
+            times = compare(fns, device=device, iters=TINY[set_name][0] if tiny else args.iters, warmup=3)
+            warm = compare(fns, device=device, warmup=1, iters=10, block=TINY[set_name][1]) if tiny else {}
             peer = "torch_fused" if "torch_fused" in times else "torch_upcast_fused"
             for impl, t in times.items():
                 row = {"case": case, "shapes": set_name, "tensors": len(shapes), "params_M": numel / 1e6,
                        "impl": impl, "median_ms": t * 1e3, "speedup_vs_" + peer: times[peer] / t}
-                if set_name == "161_tiny":
+                if tiny:
                     # step_us: calls interleaved with the other impls' steps
                     # (cold caches); step_us_warm: calls in a row (a loop)
                     row["step_us"] = t * 1e6

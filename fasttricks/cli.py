@@ -2,6 +2,7 @@
 
     fasttricks demo [--quick] [--out DIR] [--data digits|cifar10] [--data-dir DIR] [--ddp]
     fasttricks bench [--quick] [--only optim,sampling,mixup]
+    fasttricks check --device cuda [--quick] [--skip-benches]
     fasttricks lr-find [--out DIR] [--data ...]
 
 Under torchrun, `demo --ddp` trains with DistributedDataParallel over the
@@ -53,14 +54,28 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _bench(args) -> int:
-    # The benches live in the source checkout (bench/), next to their results/.
+def _bench_folder(command: str) -> Path:
+    """The source checkout's bench/ (the benches live there, next to their results/), on sys.path."""
     candidates = [Path.cwd() / "bench", Path(__file__).resolve().parent.parent / "bench"]
     root = next((c for c in candidates if (c / "bench_optim.py").is_file()), None)
     if root is None:
-        raise SystemExit("fasttricks bench runs the scripts in a source checkout's bench/ folder: "
+        raise SystemExit(f"fasttricks {command} runs the scripts in a source checkout's bench/ folder: "
                          "run it from the root of a clone")
     sys.path.insert(0, str(root))
+    return root
+
+
+def _check(args) -> int:
+    if args.device != "cuda":
+        raise SystemExit("fasttricks check: only --device cuda is checked this way; the CPU is covered by the tests")
+    _bench_folder("check")
+    import gpu_check
+
+    return gpu_check.main((["--quick"] if args.quick else []) + (["--skip-benches"] if args.skip_benches else []))
+
+
+def _bench(args) -> int:
+    _bench_folder("bench")
     import importlib
 
     known = ["optim", "sampling", "mixup"]
@@ -120,6 +135,12 @@ def main(argv=None) -> int:
     b.add_argument("--quick", action="store_true")
     b.add_argument("--only", default=None, help="comma-separated: optim,sampling,mixup")
     b.set_defaults(fn=_bench)
+    c = sub.add_parser("check", help="the GPU check: parity tests, probes and benches on a CUDA device "
+                                     "(from a source checkout; writes bench/results/gpu_check_<device>.*)")
+    c.add_argument("--device", default="cuda", choices=["cuda"])
+    c.add_argument("--quick", action="store_true", help="benches without the 100M-param sets")
+    c.add_argument("--skip-benches", action="store_true")
+    c.set_defaults(fn=_check)
     f = sub.add_parser("lr-find", help="the LR range test on the demo model; saves lr_find.png")
     f.add_argument("--out", default="demo_out")
     f.add_argument("--data", default="digits", choices=["digits", "cifar10"])

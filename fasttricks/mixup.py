@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from fasttricks import _backends
-from fasttricks._checks import check_int
+from fasttricks._checks import check_int, check_values_in
 from fasttricks.ops.mixup import mixup_blend
 
 __all__ = ["Mixup", "MixedTarget", "mixup", "smoothing_coefficients"]
@@ -83,8 +83,7 @@ def _check_labels(y: torch.Tensor, num_classes: int, batch: int) -> None:
         raise ValueError(f"mixup: labels must have shape ({batch},), got {tuple(y.shape)}")
     if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise TypeError(f"mixup: labels must be integer class indices, got {y.dtype}")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise IndexError(f"mixup: labels must be in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
+    check_values_in(y, 0, num_classes - 1, IndexError, f"mixup: labels must be in [0, {num_classes})")
 
 
 def mixup(x: torch.Tensor, lam, perm: torch.Tensor | None = None, *, inplace: bool = False,
@@ -96,8 +95,7 @@ def mixup(x: torch.Tensor, lam, perm: torch.Tensor | None = None, *, inplace: bo
     lam = torch.as_tensor(lam, dtype=torch.float32)
     if lam.dim() == 0:
         lam = lam.expand(B).contiguous()
-    if lam.numel() and (float(lam.min()) < 0 or float(lam.max()) > 1):
-        raise ValueError("mixup: lam must lie in [0, 1]")
+    check_values_in(lam, 0.0, 1.0, ValueError, "mixup: lam must lie in [0, 1]")
     return mixup_blend(x, lam, perm, inplace=inplace, backend=backend)
 
 

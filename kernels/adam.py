@@ -114,10 +114,10 @@ SIGNATURE = {"ptrs_ptr": "*i64", "numels_ptr": "*i64", "chunk_tensor_ptr": "*i64
 
 
 def aot_variants():
-    """(name, kernel, signature, constexprs) for every variant launch_adam can
+    """(name, kernel, signature, constexprs, compile options) for every variant launch_adam can
     select: each (param, state) dtype pair x every switch; tests compile each
     for sm_90 (and sm_80) without a GPU."""
     for (p, s), switches in itertools.product(STATE_PAIRS, itertools.product((False, True), repeat=4)):
         const = adam_constexprs(p, s, **dict(zip(("amsgrad", "decoupled", "average", "lr_is_tensor"), switches)))
         yield (f"adam[{SIG_DTYPES[p]}/{SIG_DTYPES[s]},{''.join(str(int(b)) for b in switches)}]", adam_kernel,
-               {**SIGNATURE, **{k: "constexpr" for k in const}}, const)
+               {**SIGNATURE, **{k: "constexpr" for k in const}}, const, {})

@@ -12,6 +12,10 @@ from fasttricks.kernels import TL_DTYPES
 from fasttricks.kernels._common import BLOCK
 
 CHUNK = 8192
+MAX_GRID_Y = 65535
+# NOTE [mixup blend math] (csrc/include/fasttricks/mixup_math.h): no FMA
+# contraction, so that uint8 pixels round as on every other backend.
+COMPILE_OPTIONS = {"enable_fp_fusion": False}
 SUPPORTED = (torch.float32, torch.bfloat16, torch.float16, torch.uint8)
 
 
@@ -28,7 +32,6 @@ def mixup_kernel(x_ptr, out_ptr, lam_ptr, perm_ptr, n_rows, row_elems,
                  DTYPE: tl.constexpr, FLIP: tl.constexpr, IS_UINT8: tl.constexpr, CHUNK: tl.constexpr,
                  BLOCK: tl.constexpr):
     r = tl.program_id(0)
-    start = tl.program_id(1).to(tl.int64) * CHUNK
     i = r.to(tl.int64)
     if FLIP:
         j = n_rows - 1 - i
@@ -36,14 +39,19 @@ def mixup_kernel(x_ptr, out_ptr, lam_ptr, perm_ptr, n_rows, row_elems,
         j = tl.load(perm_ptr + r)
     lam_i = tl.load(lam_ptr + i)
     lam_j = tl.load(lam_ptr + j)
-    for off in tl.range(0, CHUNK, BLOCK):
-        offs = start + off + tl.arange(0, BLOCK)
-        mask = offs < row_elems
-        a = tl.load(x_ptr + i * row_elems + offs, mask=mask, other=0).to(tl.float32)
-        b = tl.load(x_ptr + j * row_elems + offs, mask=mask, other=0).to(tl.float32)
-        tl.store(out_ptr + i * row_elems + offs, _blend(a, b, lam_i, IS_UINT8).to(DTYPE), mask=mask)
-        if FLIP:
-            tl.store(out_ptr + j * row_elems + offs, _blend(b, a, lam_j, IS_UINT8).to(DTYPE), mask=mask)
+    # The grid's second axis is capped at 65535: its programs stride over the
+    # chunks of a long row.
+    first, stride = tl.program_id(1), tl.num_programs(1)
+    for k in tl.range(0, tl.cdiv(tl.cdiv(row_elems, CHUNK) - first, stride)):
+        start = (first + k * stride).to(tl.int64) * CHUNK
+        for off in tl.range(0, CHUNK, BLOCK):
+            offs = start + off + tl.arange(0, BLOCK)
+            mask = offs < row_elems
+            a = tl.load(x_ptr + i * row_elems + offs, mask=mask, other=0).to(tl.float32)
+            b = tl.load(x_ptr + j * row_elems + offs, mask=mask, other=0).to(tl.float32)
+            tl.store(out_ptr + i * row_elems + offs, _blend(a, b, lam_i, IS_UINT8).to(DTYPE), mask=mask)
+            if FLIP:
+                tl.store(out_ptr + j * row_elems + offs, _blend(b, a, lam_j, IS_UINT8).to(DTYPE), mask=mask)
 
 
 def launch_mixup(x: torch.Tensor, out: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor | None) -> None:
@@ -54,14 +62,14 @@ def launch_mixup(x: torch.Tensor, out: torch.Tensor, lam: torch.Tensor, perm: to
     programs = rows // 2 if flip else rows
     if programs == 0 or row_elems == 0:
         return
-    grid = (programs, triton.cdiv(row_elems, CHUNK))
+    grid = (programs, min(triton.cdiv(row_elems, CHUNK), MAX_GRID_Y))
     mixup_kernel[grid](x, out, lam, perm if perm is not None else lam, rows, row_elems,
                        DTYPE=TL_DTYPES[x.dtype], FLIP=flip, IS_UINT8=x.dtype == torch.uint8, CHUNK=CHUNK,
-                       BLOCK=BLOCK)
+                       BLOCK=BLOCK, **COMPILE_OPTIONS)
 
 
 def aot_variants():
-    """(name, fn, signature, constexprs) of every variant launch_mixup can launch."""
+    """(name, fn, signature, constexprs, compile options) of every variant launch_mixup can launch."""
     from fasttricks.kernels import SIG_DTYPES
 
     out = []
@@ -74,5 +82,5 @@ def aot_variants():
                    "BLOCK": "constexpr"}
             const = {"DTYPE": TL_DTYPES[dtype], "FLIP": flip, "IS_UINT8": dtype == torch.uint8, "CHUNK": CHUNK,
                      "BLOCK": BLOCK}
-            out.append((f"mixup_{tl_name}_{'flip' if flip else 'perm'}", mixup_kernel, sig, const))
+            out.append((f"mixup_{tl_name}_{'flip' if flip else 'perm'}", mixup_kernel, sig, const, COMPILE_OPTIONS))
     return out

@@ -89,4 +89,4 @@ def aot_variants():
             continue
         const = sgd_constexprs(p, s, **flags)
         yield (f"sgd[{SIG_DTYPES[p]}/{SIG_DTYPES[s]},{''.join(str(int(b)) for b in switches)}]", sgd_kernel,
-               {**SIGNATURE, **{k: "constexpr" for k in const}}, const)
+               {**SIGNATURE, **{k: "constexpr" for k in const}}, const, {})

@@ -38,9 +38,9 @@ def test_triton_kernels_compile_ahead_of_time(tmp_path, arch):
 
         def compile_range(bounds):
             names = []
-            for name, fn, sig, const in variants()[bounds[0]:bounds[1]]:
+            for name, fn, sig, const, options in variants()[bounds[0]:bounds[1]]:
                 compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const),
-                                          target=GPUTarget("cuda", {arch}, 32))
+                                          target=GPUTarget("cuda", {arch}, 32), options=options)
                 assert "ptx" in compiled.asm, name
                 names.append(name)
             return names
@@ -59,6 +59,20 @@ def test_triton_kernels_compile_ahead_of_time(tmp_path, arch):
                          cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-4000:]
     assert f"compiled {EXPECTED_VARIANTS}" in out.stdout
+
+
+def test_tensor_count_is_not_specialised(tmp_path):
+    """Triton specialises integer arguments equal to 1 or divisible by 16: the
+    optimizer kernels would recompile whenever the number of params with a grad
+    became such a number (NOTE [plan cache]: that count changes freely)."""
+    pytest.importorskip("triton")
+    script = ("from fasttricks.kernels import adam, sgd\n"
+              "for fn in (adam.adam_kernel, sgd.sgd_kernel):\n"
+              "    print([p.name for p in fn.params if p.do_not_specialize])\n")
+    out = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TRITON_INTERPRET": "0"},
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert out.stdout.split("\n")[:2] == ["['n_tensors']", "['n_tensors']"]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")

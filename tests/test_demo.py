@@ -51,3 +51,16 @@ def test_stability_metrics_by_hand():
     assert m["pct_within_0.2_of_previous"] == 75.0   # all but 59.9 -> 59.0
     assert m["pct_within_0.2_of_best"] == 75.0       # 59.0 is 1.0 below the best 60
     assert m["sd_last_epochs"] == pytest.approx(statistics.pstdev([59.9, 59.0, 61.0]))
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message given without a GPU")
+def test_gpu_check_without_a_gpu_says_so(tmp_path):
+    """`fasttricks check --device cuda` (bench/gpu_check.py) needs a CUDA device: without
+    one it stops at once with one line and a non-zero exit, writing nothing."""
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    before = sorted((root / "bench" / "results").iterdir())
+    out = subprocess.run(fasttricks_command() + ["check", "--device", "cuda", "--skip-benches"], cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1] == "gpu_check: no CUDA device visible"
+    assert sorted((root / "bench" / "results").iterdir()) == before

@@ -175,3 +175,29 @@ def test_mixup_bad_labels():
         mixer.mix(batch(4, torch.float32), torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="one lam per sample"):
         MixedTarget(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long), torch.ones(2), 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uint8_pixels_are_identical_on_every_backend(backend):
+    """NOTE [mixup blend math]: products rounded before the sum, never an FMA, so
+    uint8 images come out pixel for pixel as the reference's (not only within
+    the half-unit of rounding the other tests allow)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 256, (64, 4096), generator=g, dtype=torch.uint8)
+    lam = torch.rand(64, generator=g)
+    perm = torch.randperm(64, generator=g)
+    for p in (None, perm):
+        assert torch.equal(mixup_blend(x.clone(), lam, p, backend=backend), mixup_blend_reference(x, lam, p))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton backend")
+def test_long_rows_stride_over_the_capped_grid(monkeypatch):
+    """The second grid axis holds at most 65535 programs: rows of more chunks than
+    that (samples past 2^29 elements) are covered by programs striding over them."""
+    from fasttricks.kernels import mixup as kernels
+
+    monkeypatch.setattr(kernels, "MAX_GRID_Y", 2)
+    x = batch(3, torch.float32, shape=(5 * kernels.CHUNK + 7,))
+    lam = torch.tensor([0.25, 0.5, 0.75])
+    for perm in (None, torch.tensor([2, 0, 1])):
+        assert torch.equal(mixup_blend(x.clone(), lam, perm, backend="triton"), mixup_blend_reference(x, lam, perm))

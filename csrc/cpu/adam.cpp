@@ -79,7 +79,7 @@ AdamCoefs<O> cast_coefs(const AdamCoefs<double>& d) {
                       O(d.inv_bias_correction2_sqrt), O(d.grad_mul)};
 }
 
-enum AdamSlot { kExpAvg = 0, kExpAvgSq = 1, kMaxExpAvgSq = 2, kMaster = 3 };
+enum AdamSlot { kExpAvg = 0, kExpAvgSq = 1, kMaxExpAvgSq = 2, kMaster = 3 };  // then the averages
 
 }  // namespace
 
@@ -90,9 +90,9 @@ AdamPlan::AdamPlan(std::vector<at::Tensor> params, std::vector<at::Tensor> steps
     : PlanBase("Adam", std::move(params), {std::move(exp_avgs), std::move(exp_avg_sqs),
                                            std::move(max_exp_avg_sqs), std::move(masters)}),
       steps_(std::move(steps)), amsgrad_(amsgrad), decoupled_(decoupled) {
-  TORCH_CHECK(steps_.size() == params_.size(), "Adam plan: one step tensor per parameter");
+  TORCH_CHECK(steps_.size() == table_.size(), "Adam plan: one step tensor per parameter");
   for (const auto& s : steps_) counters_.emplace_back(s);
-  TORCH_CHECK(!amsgrad_ || slots_[kMaxExpAvgSq].size() == params_.size(),
+  TORCH_CHECK(!amsgrad_ || has_slot(kMaxExpAvgSq),
               "Adam plan: amsgrad needs max_exp_avg_sq for every parameter");
 }
 
@@ -134,7 +134,7 @@ int64_t AdamPlan::step(const AdamHyper& h, const std::optional<at::Tensor>& grad
       ptrs[k] = {static_cast<P*>(g.param), static_cast<const P*>(g.grad),
                  static_cast<S*>(g.slots[kMaster]), static_cast<S*>(g.slots[kExpAvg]),
                  static_cast<S*>(g.slots[kExpAvgSq]), static_cast<S*>(g.slots[kMaxExpAvgSq]),
-                 average ? static_cast<S*>(g.avg) : nullptr, &ocoefs[coef_of[k]]};
+                 average ? static_cast<S*>(g.slots[average_slot()]) : nullptr, &ocoefs[coef_of[k]]};
     }
     dispatch_bool(amsgrad_, [&](auto ams) {
       dispatch_bool(decoupled_, [&](auto dec) {

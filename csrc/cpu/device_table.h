@@ -1,6 +1,7 @@
 // See device_table.cpp.
 #pragma once
 #include "multi_tensor.h"
+#include "tensor_table.h"
 
 #include <c10/core/Stream.h>
 
@@ -21,10 +22,11 @@ class DeviceTable {
     std::vector<at::Tensor> keep;  // temporaries the kernel reads: hold them until it is launched
   };
 
-  // Table rows: param, grad, `rows` in order (an empty row packs null
-  // pointers), then `n_flag_rows` rows of per-param integers. rows[0,
-  // n_state_rows) are param-shaped state of `state_dtype`; rows[step_row]
-  // (if >= 0) holds the step counters bumped by gather().
+  // Table rows (NOTE [pointer table]): param, grad, `rows` in order (an empty
+  // row packs null pointers), then `n_flag_rows` rows of per-param integers.
+  // rows[0, n_state_rows) are param-shaped state of `state_dtype` (the tensor
+  // table's slots); rows[step_row] (step_row == n_state_rows, or -1 for none)
+  // holds the one-element float32 step counters bumped by gather().
   DeviceTable(std::string op, std::vector<at::Tensor> params, std::vector<std::vector<at::Tensor>> rows,
               int64_t n_state_rows, int64_t step_row, int64_t n_flag_rows, at::ScalarType state_dtype,
               int64_t chunk);
@@ -42,27 +44,19 @@ class DeviceTable {
   void clear_gathered_flags(int64_t row);
 
  private:
-  void refresh();
+  void set_steps(std::vector<at::Tensor> steps);
   void upload(std::vector<int64_t> head, const std::vector<int64_t>& numels, int64_t n_rows);
-  void check_grad(const at::Tensor& p, const at::Tensor& g) const;
-  bool layout_unchanged(size_t i) const;
 
-  std::string op_;
-  std::vector<at::Tensor> params_;
-  std::vector<std::vector<at::Tensor>> rows_;
-  int64_t n_state_rows_, step_row_;
-  at::ScalarType param_dtype_, state_dtype_;
-  at::Device device_{at::kCPU};
+  TensorTable table_;
+  std::vector<at::Tensor> steps_;             // the step row (empty: none)
   int64_t chunk_;
   std::vector<std::vector<int64_t>> flags_;
-  std::vector<uint8_t> fast_;                 // NOTE [plan cache]
-  std::vector<std::vector<int64_t>> layout_;  // each param's sizes then strides when checked
   std::vector<int64_t> last_;                 // params gathered by the last step
-  std::vector<at::Tensor> steps_;             // their step counters
+  std::vector<at::Tensor> bumped_;            // their step counters
   std::vector<int64_t> key_;                  // the pointer rows and numels behind tables_
   std::array<at::Tensor, 4> tables_;          // views of one buffer on the device
-  c10::Stream table_stream_{c10::Stream::DEFAULT, c10::Device(c10::kCPU)};  // where tables_ is known to be used
   int64_t n_chunks_ = 0;
+  c10::Stream table_stream_{c10::Stream::DEFAULT, c10::Device(c10::kCPU)};  // where tables_ is known to be used
 };
 
 }  // namespace cpu

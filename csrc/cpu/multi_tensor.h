@@ -200,22 +200,21 @@ inline bool same_ints(c10::IntArrayRef a, c10::IntArrayRef b) {
 }
 
 
-// Most state tensors a plan keeps per parameter (Adam: exp_avg, exp_avg_sq,
-// max_exp_avg_sq, master).
-constexpr int kMaxSlots = 4;
+// Most per-param state lists a tensor table holds (Adam: exp_avg, exp_avg_sq,
+// max_exp_avg_sq, master, running average).
+constexpr int kMaxSlots = 5;
 
 // One parameter's memory for one step, as the kernels see it: flat runs of
-// `numel` elements in the same order for all of them. Raw pointers, not
-// tensors: copying tensor handles costs atomics (and a vector, a malloc) per
-// parameter, which was most of the host overhead of a step (docs/performance.md: <= 20 us
-// for 161 tiny tensors).
+// `numel` elements in the same order for all of them (NOTE [tensor table] in
+// tensor_table.h). Raw pointers, not tensors: copying tensor handles costs
+// atomics (and a vector, a malloc) per parameter, which was most of the host
+// overhead of a step (docs/performance.md: <= 20 us for 161 tiny tensors).
 struct Gathered {
   int64_t index;              // position in the plan
   int64_t numel;
   void* param;                // the param as written by the kernel
   const void* grad;
-  void* slots[kMaxSlots];     // state (nullptr where unused)
-  void* avg;                  // running average (nullptr when off)
+  void* slots[kMaxSlots];     // state lists in the table's order (nullptr where unused)
 };
 
 // What a step must keep alive and copy back: tensors whose layouts differ
@@ -258,41 +257,6 @@ inline void check_state_like_param(const char* op, const char* what, const at::T
                    " differs from the expected ", state_dtype);
   TORCH_CHECK(same_ints(state.sizes(), param.sizes()), op, ": ", what, " shape ", state.sizes(),
               " differs from parameter shape ", param.sizes());
-}
-
-// Validates one parameter's tensors (all of them before any step writes) and
-// returns the memory the kernel should touch.
-inline Gathered gather_one(const char* op, int64_t index, const at::Tensor& param,
-                           const at::Tensor& grad, const at::Tensor* const* slots, int n_slots,
-                           const at::Tensor* avg, at::ScalarType state_dtype, Scratch& scratch) {
-  TORCH_CHECK(!grad.is_sparse(), op,
-              " does not support sparse gradients; use torch.optim.SparseAdam or a dense gradient");
-  TORCH_CHECK(param.device().is_cpu() && grad.device().is_cpu(), op,
-              ": the cpu backend needs CPU tensors, got a parameter on ", param.device());
-  check_grad_like_param(op, param, grad);
-  bool dense = param.is_non_overlapping_and_dense() && same_ints(grad.strides(), param.strides());
-  auto check_state = [&](const at::Tensor& s, const char* what) {
-    check_state_like_param(op, what, s, param, state_dtype);
-    dense = dense && same_ints(s.strides(), param.strides());
-  };
-  for (int k = 0; k < n_slots; ++k) {
-    if (slots[k]) check_state(*slots[k], "optimizer state");
-  }
-  if (avg) check_state(*avg, "average");
-
-  Gathered g{index, param.numel(), nullptr, nullptr, {}, nullptr};
-  if (dense) {
-    g.param = param.mutable_data_ptr();
-    g.grad = grad.const_data_ptr();
-    for (int k = 0; k < n_slots; ++k) g.slots[k] = slots[k] ? slots[k]->mutable_data_ptr() : nullptr;
-    g.avg = avg ? avg->mutable_data_ptr() : nullptr;
-  } else {
-    g.param = scratch.writable(param);
-    g.grad = scratch.readable(grad);
-    for (int k = 0; k < n_slots; ++k) g.slots[k] = slots[k] ? scratch.writable(*slots[k]) : nullptr;
-    g.avg = avg ? scratch.writable(*avg) : nullptr;
-  }
-  return g;
 }
 
 // found_inf / grad_scale follow torch's fused optimizers (GradScaler sets them).

@@ -1,19 +1,11 @@
 // A plan holds references to one (device, dtype) bucket of parameters and
 // their optimizer state, built once by the Python optimizer and reused every
 // step: the step reads each parameter's .grad in C++, so the per-step host
-// cost is one call with scalars (docs/performance.md: <= 20 us for 161 tiny tensors).
-//
-// NOTE [plan cache] (fasttricks/optim/_plan_cache.py, docs/architecture.md)
-// The state tensors (and attached averages) belong to the plan: the Python
-// optimizer rebuilds its plans whenever any of them is replaced, and samplers
-// load averages in place. So their dtype, shape,
-// layout and memory are checked once, when the plan is built, and a step
-// reads only the param, its grad and the cached pointers. Whatever a step
-// cannot vouch for (a param whose layout no longer matches the one recorded,
-// a state tensor that did not match to begin with) takes the full per-step
-// check, which raises before anything is written.
+// cost is one call with a hyper-parameter record (docs/performance.md: <= 20 us
+// for 161 tiny tensors). Its tensors live in a TensorTable (NOTE [tensor table]).
 #pragma once
 #include "multi_tensor.h"
+#include "tensor_table.h"
 
 #include <optional>
 
@@ -35,118 +27,45 @@ struct SgdHyper {
   double grad_mul;
 };
 
+// The CPU plans' common part: the table of params, state slots and, in the
+// last slot, the running averages of a fused sampler (empty when none).
 class PlanBase {
  public:
-  PlanBase(const char* op, std::vector<at::Tensor> params,
-           std::vector<std::vector<at::Tensor>> slots)
-      : op_(op), params_(std::move(params)), slots_(std::move(slots)) {
-    TORCH_CHECK(!params_.empty(), op_, " plan: no parameters");
-    param_dtype_ = params_[0].scalar_type();
-    for (const auto& p : params_) {
-      TORCH_CHECK(p.device().is_cpu(), op_, ": the cpu backend needs CPU parameters, got ", p.device());
-      TORCH_CHECK_TYPE(p.scalar_type() == param_dtype_, op_, " plan: mixed parameter dtypes");
-    }
-    TORCH_CHECK(slots_.size() <= static_cast<size_t>(kMaxSlots), op_, " plan: too many state lists");
-    for (const auto& s : slots_) {
-      TORCH_CHECK(s.empty() || s.size() == params_.size(), op_, " plan: state list length mismatch");
-    }
-    // The last slot is the fp32 master copy; present means fp32 state.
-    state_dtype_ = slots_.back().empty() ? param_dtype_ : at::kFloat;
-    refresh_cache();
-  }
+  // `slots`: the family's state lists; the last is the fp32 master copy
+  // (present means fp32 state).
+  PlanBase(const char* op, std::vector<at::Tensor> params, std::vector<std::vector<at::Tensor>> slots)
+      : table_(make_table(op, std::move(params), std::move(slots))) {}
 
-  void set_averages(std::vector<at::Tensor> averages) {
-    TORCH_CHECK(averages.empty() || averages.size() == params_.size(), op_,
-                ": one average per parameter (or none)");
-    averages_ = std::move(averages);
-    refresh_cache();
-  }
-  int64_t size() const { return static_cast<int64_t>(params_.size()); }
+  void set_averages(std::vector<at::Tensor> averages) { table_.set_slot(table_.n_slots() - 1, std::move(averages)); }
+  int64_t size() const { return static_cast<int64_t>(table_.size()); }
   // Raises what this step's gather would raise, and writes nothing: an
   // optimizer with several plans checks them all before stepping any.
   void check() const {
     Scratch scratch;
-    gather(scratch);
+    table_.gather(scratch);
   }
 
  protected:
-  // The parameters that have a grad, validated; nothing is written here.
-  std::vector<Gathered> gather(Scratch& scratch) const {
-    std::vector<Gathered> out;
-    out.reserve(params_.size());
-    for (size_t i = 0; i < params_.size(); ++i) {
-      const at::Tensor& p = params_[i];
-      const at::Tensor& g = p.grad();
-      if (!g.defined()) continue;
-      TORCH_CHECK_TYPE(p.scalar_type() == param_dtype_, op_, ": parameter dtype changed from ",
-                       param_dtype_, " to ", p.scalar_type(), " after the optimizer state was created");
-      const ParamCache& c = cache_[i];
-      if (c.fast && !g.is_sparse() && g.device().is_cpu() && p.device().is_cpu() &&
-          g.scalar_type() == p.scalar_type() && p.is_non_overlapping_and_dense() &&
-          same_ints(p.sizes(), {layout_.data() + c.layout, size_t(c.dim)}) &&
-          same_ints(p.strides(), {layout_.data() + c.layout + c.dim, size_t(c.dim)}) &&
-          same_ints(g.sizes(), p.sizes()) && same_ints(g.strides(), p.strides())) {
-        Gathered row{static_cast<int64_t>(i), p.numel(), p.mutable_data_ptr(), g.const_data_ptr(), {}, c.avg};
-        std::copy(std::begin(c.slots), std::end(c.slots), row.slots);
-        out.push_back(row);
-        continue;
-      }
-      const at::Tensor* slots[kMaxSlots];
-      for (size_t k = 0; k < slots_.size(); ++k) slots[k] = slots_[k].empty() ? nullptr : &slots_[k][i];
-      out.push_back(gather_one(op_, static_cast<int64_t>(i), p, g, slots, static_cast<int>(slots_.size()),
-                               averages_.empty() ? nullptr : &averages_[i], state_dtype_, scratch));
-    }
-    return out;
-  }
+  std::vector<Gathered> gather(Scratch& scratch) const { return table_.gather(scratch); }
+  bool has_averages() const { return table_.has_slot(table_.n_slots() - 1); }
+  size_t average_slot() const { return table_.n_slots() - 1; }
+  bool has_slot(size_t k) const { return table_.has_slot(k); }
+  at::ScalarType param_dtype() const { return table_.param_dtype(); }
+  at::ScalarType state_dtype() const { return table_.state_dtype(); }
 
-  // NOTE [plan cache]: call whenever the state tensors or averages change.
-  void refresh_cache() {
-    cache_.assign(params_.size(), ParamCache{});
-    layout_.clear();
-    for (size_t i = 0; i < params_.size(); ++i) {
-      const at::Tensor& p = params_[i];
-      ParamCache& c = cache_[i];
-      c.layout = static_cast<int64_t>(layout_.size());
-      c.dim = p.dim();
-      layout_.insert(layout_.end(), p.sizes().begin(), p.sizes().end());
-      layout_.insert(layout_.end(), p.strides().begin(), p.strides().end());
-      auto matches = [&](const at::Tensor& t) {
-        return t.scalar_type() == state_dtype_ && same_ints(t.sizes(), p.sizes()) &&
-               same_ints(t.strides(), p.strides());
-      };
-      c.fast = p.is_non_overlapping_and_dense();
-      for (size_t k = 0; k < slots_.size(); ++k) {
-        if (slots_[k].empty()) continue;
-        const at::Tensor& t = slots_[k][i];
-        c.fast = c.fast && matches(t);
-        c.slots[k] = t.mutable_data_ptr();
-      }
-      if (!averages_.empty()) {
-        c.fast = c.fast && matches(averages_[i]);
-        c.avg = averages_[i].mutable_data_ptr();
-      }
-    }
-  }
-
-  bool has_averages() const { return !averages_.empty(); }
-  at::ScalarType param_dtype() const { return param_dtype_; }
-  at::ScalarType state_dtype() const { return state_dtype_; }
-
-  const char* op_;
-  std::vector<at::Tensor> params_;
-  std::vector<std::vector<at::Tensor>> slots_;
-  std::vector<at::Tensor> averages_;
-  at::ScalarType param_dtype_, state_dtype_;
+  TensorTable table_;
 
  private:
-  struct ParamCache {
-    bool fast = false;            // the state tensors share the param's dtype-checked dense layout
-    int64_t layout = 0, dim = 0;  // the param's recorded sizes and strides: layout_[layout, +2 dim)
-    void* slots[kMaxSlots] = {};
-    void* avg = nullptr;
-  };
-  std::vector<ParamCache> cache_;
-  std::vector<int64_t> layout_;
+  static TensorTable make_table(const char* op, std::vector<at::Tensor> params,
+                                std::vector<std::vector<at::Tensor>> slots) {
+    TORCH_CHECK(!params.empty() && !slots.empty(), op, " plan: no parameters");
+    for (const auto& p : params) {
+      TORCH_CHECK(p.device().is_cpu(), op, ": the cpu backend needs CPU parameters, got ", p.device());
+    }
+    const at::ScalarType state_dtype = slots.back().empty() ? params[0].scalar_type() : at::kFloat;
+    slots.emplace_back();  // the running averages
+    return TensorTable(op, std::move(params), std::move(slots), state_dtype);
+  }
 };
 
 class AdamPlan : public PlanBase {

@@ -62,7 +62,7 @@ void sgd_kernel(const std::vector<SgdPtrs<P, S>>& ptrs, const std::vector<int64_
   });
 }
 
-enum SgdSlot { kBuf = 0, kMaster = 1 };
+enum SgdSlot { kBuf = 0, kMaster = 1 };  // then the averages
 
 }  // namespace
 
@@ -70,9 +70,9 @@ SgdPlan::SgdPlan(std::vector<at::Tensor> params, std::vector<at::Tensor> momentu
                  std::vector<at::Tensor> masters, std::vector<bool> first_step, bool nesterov,
                  bool decoupled)
     : PlanBase("SGD", std::move(params), {std::move(momentum_buffers), std::move(masters)}),
-      first_step_(first_step.begin(), first_step.end()), momentum_(!slots_[kBuf].empty()),
+      first_step_(first_step.begin(), first_step.end()), momentum_(has_slot(kBuf)),
       nesterov_(nesterov), decoupled_(decoupled) {
-  TORCH_CHECK(!momentum_ || first_step_.size() == params_.size(),
+  TORCH_CHECK(!momentum_ || first_step_.size() == table_.size(),
               "SGD plan: one first-step flag per parameter");
   TORCH_CHECK(momentum_ || !nesterov_, "SGD plan: nesterov needs momentum buffers");
 }
@@ -99,7 +99,7 @@ int64_t SgdPlan::step(const SgdHyper& h, const std::optional<at::Tensor>& grad_s
       const auto& g = gathered[k];
       ptrs[k] = {static_cast<P*>(g.param), static_cast<const P*>(g.grad),
                  static_cast<S*>(g.slots[kMaster]), static_cast<S*>(g.slots[kBuf]),
-                 average ? static_cast<S*>(g.avg) : nullptr, momentum_ && first_step_[g.index] != 0};
+                 average ? static_cast<S*>(g.slots[average_slot()]) : nullptr, momentum_ && first_step_[g.index] != 0};
     }
     const SgdCoefs<O> oc{O(coefs.lr), O(coefs.weight_decay), O(coefs.decay_factor),
                          O(coefs.momentum), O(coefs.one_minus_dampening), O(coefs.grad_mul)};

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from fasttricks import _backends
+from fasttricks._checks import check_values_in
 
 __all__ = ["mixup_blend", "mixup_blend_reference"]
 
@@ -60,8 +61,7 @@ def check_blend_args(x: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor | No
     if perm is not None:
         if perm.shape != (B,) or perm.dtype != torch.int64:
             raise ValueError(f"mixup: perm must be an int64 tensor of shape ({B},)")
-        if B and (int(perm.min()) < 0 or int(perm.max()) >= B):
-            raise IndexError(f"mixup: perm has indices outside [0, {B})")
+        check_values_in(perm, 0, B - 1, IndexError, f"mixup: perm has indices outside [0, {B})")
 
 
 def mixup_blend(x: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor | None = None, *, inplace: bool = False,

@@ -1,0 +1,159 @@
+// NOTE [tensor table]
+// The one place where a step's tensors are gathered and validated, for every
+// plan in C++: the CPU plans (plans.h) run their kernels on the raw pointers it
+// yields, and the device plans' DeviceTable (device_table.cpp) packs the same
+// pointers into the pointer table of the Triton and CUDA kernels.
+//
+// A table holds one bucket of params (one device, one dtype) and their "slots":
+// per-param state lists (moments, momentum buffer, master copy, running
+// average), each empty or one tensor per param, of the state dtype and shaped
+// like the param. It belongs to a plan, which the Python optimizer rebuilds
+// whenever a slot tensor is replaced (NOTE [plan cache] in
+// fasttricks/optim/_plan_cache.py), so the slots' dtype, shape, device and
+// layout are checked once, here, when they are set. A step then reads only the
+// param, its grad and the cached pointers. Whatever a step cannot vouch for (a
+// param whose layout no longer matches the one recorded, a slot that did not
+// match to begin with) takes the full check, which raises before the step
+// writes anything, and runs through contiguous temporaries where layouts differ.
+#pragma once
+#include "multi_tensor.h"
+
+#include <string>
+
+namespace fasttricks {
+namespace cpu {
+
+class TensorTable {
+ public:
+  TensorTable(std::string op, std::vector<at::Tensor> params, std::vector<std::vector<at::Tensor>> slots,
+              at::ScalarType state_dtype)
+      : op_(std::move(op)), params_(std::move(params)), slots_(std::move(slots)), state_dtype_(state_dtype) {
+    TORCH_CHECK(!params_.empty(), op_, " plan: no parameters");
+    TORCH_CHECK(slots_.size() <= static_cast<size_t>(kMaxSlots), op_, " plan: too many state lists");
+    param_dtype_ = params_[0].scalar_type();
+    device_ = params_[0].device();
+    for (const auto& p : params_) {
+      TORCH_CHECK_TYPE(p.scalar_type() == param_dtype_, op_, " plan: mixed parameter dtypes");
+      TORCH_CHECK(p.device() == device_, op_, " plan: parameters on several devices");
+    }
+    for (const auto& s : slots_) check_slot_length(s);
+    refresh();
+  }
+
+  // Replaces slot k (an empty list switches it off).
+  void set_slot(size_t k, std::vector<at::Tensor> tensors) {
+    TORCH_CHECK(k < slots_.size(), op_, " plan: no state list ", k);
+    check_slot_length(tensors);
+    slots_[k] = std::move(tensors);
+    refresh();
+  }
+
+  size_t size() const { return params_.size(); }
+  size_t n_slots() const { return slots_.size(); }
+  bool has_slot(size_t k) const { return !slots_.at(k).empty(); }
+  const std::string& op() const { return op_; }
+  at::Device device() const { return device_; }
+  at::ScalarType param_dtype() const { return param_dtype_; }
+  at::ScalarType state_dtype() const { return state_dtype_; }
+
+  // The params that have a grad this step, validated, with the memory the
+  // kernels read and write. Nothing is written here; temporaries for
+  // layouts that differ go into `scratch` (copied back by scratch.apply()).
+  std::vector<Gathered> gather(Scratch& scratch) const {
+    std::vector<Gathered> out;
+    out.reserve(params_.size());
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const at::Tensor& p = params_[i];
+      const at::Tensor& g = p.grad();
+      if (!g.defined()) continue;
+      check_param_and_grad(p, g);
+      const Cached& c = cache_[i];
+      Gathered row{static_cast<int64_t>(i), p.numel(), nullptr, nullptr, {}};
+      if (c.fast && same_ints(p.sizes(), {layout_.data() + c.layout, size_t(c.dim)}) &&
+          same_ints(p.strides(), {layout_.data() + c.layout + c.dim, size_t(c.dim)}) &&
+          same_ints(g.strides(), p.strides())) {
+        row.param = p.mutable_data_ptr();
+        row.grad = g.const_data_ptr();
+        std::copy(std::begin(c.slots), std::end(c.slots), row.slots);
+      } else {
+        gather_checked(i, p, g, row, scratch);
+      }
+      out.push_back(row);
+    }
+    return out;
+  }
+
+ private:
+  void check_slot_length(const std::vector<at::Tensor>& s) const {
+    TORCH_CHECK(s.empty() || s.size() == params_.size(), op_, ": one state tensor per parameter (or none)");
+  }
+
+  // Every step, for every param with a grad: what the cache cannot vouch for.
+  void check_param_and_grad(const at::Tensor& p, const at::Tensor& g) const {
+    check_grad_like_param(op_.c_str(), p, g);
+    TORCH_CHECK_TYPE(p.scalar_type() == param_dtype_, op_, ": parameter dtype changed from ", param_dtype_,
+                     " to ", p.scalar_type(), " after the optimizer state was created");
+    TORCH_CHECK(p.device() == device_ && g.device() == device_, op_, ": parameter on ", p.device(),
+                " and gradient on ", g.device(), ", but the optimizer state is on ", device_);
+  }
+
+  // The full check of one param's slots, then its memory, through contiguous
+  // temporaries when any layout differs from the param's dense one.
+  void gather_checked(size_t i, const at::Tensor& p, const at::Tensor& g, Gathered& row,
+                      Scratch& scratch) const {
+    bool dense = p.is_non_overlapping_and_dense() && same_ints(g.strides(), p.strides());
+    for (const auto& s : slots_) {
+      if (s.empty()) continue;
+      check_state_like_param(op_.c_str(), "optimizer state", s[i], p, state_dtype_);
+      TORCH_CHECK(s[i].device() == device_, op_, ": optimizer state on ", s[i].device(), ", parameter on ",
+                  device_);
+      dense = dense && same_ints(s[i].strides(), p.strides());
+    }
+    row.param = dense ? p.mutable_data_ptr() : scratch.writable(p);
+    row.grad = dense ? g.const_data_ptr() : scratch.readable(g);
+    for (size_t k = 0; k < slots_.size(); ++k) {
+      if (slots_[k].empty()) continue;
+      row.slots[k] = dense ? slots_[k][i].mutable_data_ptr() : scratch.writable(slots_[k][i]);
+    }
+  }
+
+  // Call whenever a slot changes: records each param's layout and whether
+  // its slots share it (then a step takes the fast path).
+  void refresh() {
+    cache_.assign(params_.size(), Cached{});
+    layout_.clear();
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const at::Tensor& p = params_[i];
+      Cached& c = cache_[i];
+      c.layout = static_cast<int64_t>(layout_.size());
+      c.dim = p.dim();
+      layout_.insert(layout_.end(), p.sizes().begin(), p.sizes().end());
+      layout_.insert(layout_.end(), p.strides().begin(), p.strides().end());
+      c.fast = p.is_non_overlapping_and_dense();
+      for (size_t k = 0; k < slots_.size(); ++k) {
+        if (slots_[k].empty()) continue;
+        const at::Tensor& t = slots_[k][i];
+        c.fast = c.fast && t.scalar_type() == state_dtype_ && t.device() == device_ &&
+                 same_ints(t.sizes(), p.sizes()) && same_ints(t.strides(), p.strides());
+        c.slots[k] = t.mutable_data_ptr();
+      }
+    }
+  }
+
+  struct Cached {
+    bool fast = false;            // the slots share the param's dtype-checked dense layout
+    int64_t layout = 0, dim = 0;  // the param's recorded sizes and strides: layout_[layout, +2 dim)
+    void* slots[kMaxSlots] = {};
+  };
+
+  std::string op_;
+  std::vector<at::Tensor> params_;
+  std::vector<std::vector<at::Tensor>> slots_;
+  at::ScalarType param_dtype_, state_dtype_;
+  at::Device device_{at::kCPU};
+  std::vector<Cached> cache_;
+  std::vector<int64_t> layout_;
+};
+
+}  // namespace cpu
+}  // namespace fasttricks
