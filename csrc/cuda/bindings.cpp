@@ -43,8 +43,8 @@ void adam_step(const at::Tensor& ptrs, const at::Tensor& numels, const at::Tenso
                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                double avg_coef, bool amsgrad, bool decoupled, bool average) {
   const c10::cuda::CUDAGuard guard(ptrs.device());
-  ftc::AdamArgs a{float(lr), opt_ptr(lr_tensor), 1.0 - beta1, 1.0 - beta2, float(eps), float(weight_decay),
-                  float(grad_mul), float(avg_coef), opt_ptr(grad_scale), opt_ptr(found_inf), amsgrad,
+  ftc::AdamArgs a{lr, opt_ptr(lr_tensor), 1.0 - beta1, 1.0 - beta2, eps, weight_decay,
+                  grad_mul, avg_coef, opt_ptr(grad_scale), opt_ptr(found_inf), amsgrad,
                   decoupled, average, to_dtype(param_dtype), to_dtype(state_dtype)};
   const auto err = ftc::launch_adam(make_tables(ptrs, numels, chunk_tensor, chunk_start, n_tensors), a,
                                     c10::cuda::getCurrentCUDAStream());
@@ -58,8 +58,8 @@ void sgd_step(const at::Tensor& ptrs, const at::Tensor& numels, const at::Tensor
               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
               double avg_coef, bool nesterov, bool decoupled, bool average) {
   const c10::cuda::CUDAGuard guard(ptrs.device());
-  ftc::SgdArgs a{float(lr), opt_ptr(lr_tensor), float(weight_decay), float(momentum), float(dampening),
-                 float(grad_mul), float(avg_coef), opt_ptr(grad_scale), opt_ptr(found_inf), momentum != 0.0,
+  ftc::SgdArgs a{lr, opt_ptr(lr_tensor), weight_decay, momentum, dampening,
+                 grad_mul, avg_coef, opt_ptr(grad_scale), opt_ptr(found_inf), momentum != 0.0,
                  nesterov, decoupled, average, to_dtype(param_dtype), to_dtype(state_dtype)};
   const auto err = ftc::launch_sgd(make_tables(ptrs, numels, chunk_tensor, chunk_start, n_tensors), a,
                                    c10::cuda::getCurrentCUDAStream());

@@ -25,11 +25,13 @@ struct Tables {
 
 using table::kChunk;
 
+// Hyper-parameters travel in double (the host's values, unrounded): fp64
+// params compute with them in double, the others round each once to float.
 struct AdamArgs {
-  float lr;
+  double lr;
   const float* lr_ptr;  // overrides lr when not null (tensor lr)
   double one_minus_beta1, one_minus_beta2;
-  float eps, weight_decay, grad_mul, avg_coef;
+  double eps, weight_decay, grad_mul, avg_coef;
   const float* grad_scale;  // may be null
   const float* found_inf;   // may be null
   bool amsgrad, decoupled, average;
@@ -37,9 +39,9 @@ struct AdamArgs {
 };
 
 struct SgdArgs {
-  float lr;
+  double lr;
   const float* lr_ptr;
-  float weight_decay, momentum, dampening, grad_mul, avg_coef;
+  double weight_decay, momentum, dampening, grad_mul, avg_coef;
   const float* grad_scale;
   const float* found_inf;
   bool momentum_on, nesterov, decoupled, average;

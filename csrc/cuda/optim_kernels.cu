@@ -50,12 +50,12 @@ __device__ __forceinline__ bool chunk_prologue(const Tables& tb, const Args& a, 
 // What both write back per element: the fp32 master, the param (the master
 // rounded), and the running average (NOTE [weight averaging lerp]).
 template <bool MASTER, bool AVERAGE, typename P, typename S, typename O>
-__device__ __forceinline__ void store_weights(P* param, S* master, S* avg, int64_t i, O w, float avg_coef) {
+__device__ __forceinline__ void store_weights(P* param, S* master, S* avg, int64_t i, O w, O avg_coef) {
   if (MASTER) master[i] = from_math<S>(w);
   param[i] = from_math<P>(w);
   if (AVERAGE) {
     O av = to_math<O>(avg[i]);
-    average_update(av, w, O(avg_coef));
+    average_update(av, w, avg_coef);
     avg[i] = from_math<S>(av);
   }
 }
@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(Tables tb, AdamArgs a) {
     m_ptr[i] = from_math<S>(m);
     v_ptr[i] = from_math<S>(v);
     if (AMSGRAD) vmax_ptr[i] = from_math<S>(vmax);
-    store_weights<MASTER, AVERAGE>(param, master, avg, i, w, a.avg_coef);
+    store_weights<MASTER, AVERAGE>(param, master, avg, i, w, O(a.avg_coef));
   }
 }
 
@@ -128,7 +128,7 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(Tables tb, SgdArgs a) {
     O buf = (MOMENTUM && !first) ? to_math<O>(buf_ptr[i]) : O(0);
     sgd_update<MOMENTUM, NESTEROV, DECOUPLED>(w, to_math<O>(grad[i]), buf, first, c);
     if (MOMENTUM) buf_ptr[i] = from_math<S>(buf);
-    store_weights<MASTER, AVERAGE>(param, master, avg, i, w, a.avg_coef);
+    store_weights<MASTER, AVERAGE>(param, master, avg, i, w, O(a.avg_coef));
   }
 }
 
