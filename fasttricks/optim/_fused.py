@@ -35,13 +35,20 @@ from fasttricks.optim._plan_cache import (GroupPlans, PlanCache, backend_for, bi
                                           uses_master)
 from fasttricks.optim._tracked import StateDict
 
-# The optimizer's own keys in param_groups, beside torch's.
+SAMPLER_STATE_KEY = "fasttricks_samplers"  # NOTE [sampler checkpoints]
+
+# The optimizer's own keys in param_groups, beside torch's: never saved in a
+# checkpoint (torch's optimizers would copy them into their groups), always
+# taken from the constructor (or add_param_group) on load.
 FT_GROUP_KEYS = ("backend", "master_weights")
 
 
 class FusedOptimizerMixin:
     """Mixed in before a torch.optim class; subclasses define `_family_flags`,
-    `_needs_state`, `_init_state`, `_build_plan` and `_step_plan`."""
+    `_needs_state`, `_init_state`, `_build_plan`, `_hyper` and may extend
+    `_group_keys` (their own param_group keys) and `_step_plan`."""
+
+    _group_keys = FT_GROUP_KEYS
 
     profile_hook_step = staticmethod(_compat.profile_hook_step)
 
@@ -67,24 +74,39 @@ class FusedOptimizerMixin:
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        for key in FT_GROUP_KEYS:
+        for key in self._group_keys:
             if key in self.defaults:
                 group.setdefault(key, self.defaults[key])
         if "backend" in group:
             _backends.check_backend_name(group["backend"])
 
     def state_dict(self):
-        """torch's state_dict, with plain dicts for the per-param state."""
+        """torch's state_dict, byte for byte in structure: plain dicts for the
+        per-param state, and none of our own group keys (`backend`,
+        `master_weights`, SGD's `decoupled_weight_decay`), so that torch's
+        optimizers load it exactly as one of their own."""
         state_dict = super().state_dict()
         state_dict["state"] = {k: dict(v) for k, v in state_dict["state"].items()}
+        state_dict["param_groups"] = [{k: v for k, v in g.items() if k not in self._group_keys}
+                                      for g in state_dict["param_groups"]]
         return state_dict
 
     def load_state_dict(self, state_dict):
-        kept = [{k: g[k] for k in FT_GROUP_KEYS if k in g} for g in self.param_groups]
+        kept = [{k: g[k] for k in self._group_keys if k in g} for g in self.param_groups]
+        self.__dict__.pop("_ft_claimed_samplers", None)
+        saved = state_dict.get(SAMPLER_STATE_KEY, {})
+        for sampler in self.__dict__.get("_ft_samplers", ()):  # all of them fit, or nothing is loaded
+            entry = sampler.saved_state_in(saved)
+            if entry is not None:
+                sampler.check_state_dict(entry)
         super().load_state_dict(state_dict)
-        for group, old in zip(self.param_groups, kept):
-            for k, v in old.items():
-                group.setdefault(k, v)
+        for group, own in zip(self.param_groups, kept):
+            group.update(own)  # the constructor's settings, whatever an older checkpoint saved
+        # NOTE [sampler checkpoints] (fasttricks/sampling/_base.py): the samplers
+        # attached now loaded theirs in a pre-hook; the rest wait for their sampler.
+        claimed = self.__dict__.pop("_ft_claimed_samplers", set())
+        self._ft_pending_samplers = {k: v for k, v in state_dict.get(SAMPLER_STATE_KEY, {}).items()
+                                     if k not in claimed}
         # torch casts loaded state to the param dtype; master-weight state is
         # fp32, so take those tensors again from the checkpoint at full precision.
         saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
@@ -103,6 +125,13 @@ class FusedOptimizerMixin:
         self.__dict__.setdefault("grad_multiplier", 1.0)
         self.__dict__.setdefault("_ft_sampler", None)
         self._step_supports_amp_scaling = True
+
+    def discard_sampler_state(self) -> list[str]:
+        """Forget the sampler states of the last loaded checkpoint that no
+        sampler claimed (NOTE [sampler checkpoints]); returns their keys."""
+        keys = sorted(self.__dict__.get("_ft_pending_samplers") or ())
+        self._ft_pending_samplers = {}
+        return keys
 
     # ---- fused weight averaging (NOTE [fused weight averaging]) ------------
 
@@ -129,20 +158,39 @@ class FusedOptimizerMixin:
         return (group["backend"], bool(group["master_weights"]), *self._family_flags(group))
 
     def _build_group(self, group, flags) -> GroupPlans:
+        if any(p.device.type == "meta" for p in group["params"]):
+            return GroupPlans(group, flags, [], [], [], on_meta=True)
         buckets: dict[tuple, list] = {}
-        stateless = []
+        stateless, created = [], []
         backends: dict = {}
-        for p in group["params"]:
-            state = self.state.get(p)
-            if self._needs_state(group, state):
-                if p.grad is None:
-                    stateless.append(p)
-                    continue
-                state = self._init_state(group, p)
-            master = uses_master(group, p.dtype)
-            if state or master:
-                normalise_state(p, self.state[p], master, backend_for(group, p.device, backends))
-            buckets.setdefault((p.device, p.dtype, is_dtensor(p)), []).append(p)
+        try:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state:
+                    created.append(p)  # dropped below unless this build fills it
+                if self._needs_state(group, state):
+                    if p.grad is None:
+                        stateless.append(p)
+                        continue
+                    state = self._init_state(group, p)
+                master = uses_master(group, p.dtype)
+                if state or master:
+                    normalise_state(p, self.state[p], master, backend_for(group, p.device, backends))
+                buckets.setdefault((p.device, p.dtype, is_dtensor(p)), []).append(p)
+            created = [p for p in created if self.state.get(p)]
+            entry = self._build_buckets(group, flags, buckets, stateless, backends)
+        except BaseException:
+            self._forget_state([p for p in created if self.state.get(p)])
+            raise
+        entry.created = created
+        return entry
+
+    def _forget_state(self, params) -> None:
+        """A step that raises writes nothing: state entries it created go again."""
+        for p in params:
+            self.state.pop(p, None)
+
+    def _build_buckets(self, group, flags, buckets, stateless, backends) -> GroupPlans:
         plans, shards = [], []
         for (device, dtype, sharded), params in buckets.items():
             backend = backend_for(group, device, backends)
@@ -166,12 +214,16 @@ class FusedOptimizerMixin:
                 and returns the loss.
         """
         sampler = self._ft_sampler
-        for group in self.param_groups:
-            if group.get("differentiable"):
-                loss = _compat.torch_step(self, closure)
-                if sampler is not None:
-                    sampler.sample_after_step()
-                return loss
+        if self.__dict__.get("_ft_pending_samplers"):
+            raise RuntimeError(
+                "fasttricks: the loaded optimizer checkpoint holds the state of sampler(s) "
+                f"{sorted(self._ft_pending_samplers)} that no sampler has claimed; create them (same class, and "
+                "the same name= if one was given) before stepping, or call optimizer.discard_sampler_state()")
+        if any(group.get("differentiable") for group in self.param_groups):
+            loss = _compat.torch_step(self, closure)  # autograd through the update: torch's own step
+            if sampler is not None:
+                sampler.sample_after_step()
+            return loss
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -179,6 +231,10 @@ class FusedOptimizerMixin:
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         entries = self._ft_cache.lookup(self)
+        if any(entry.on_meta for entry in entries):
+            # Meta params hold shapes, no values: torch's own step does what torch does with them.
+            _compat.torch_step(self, None)
+            return loss
         shards = [pair for entry in entries for pair in entry.shards]
         if shards:
             bind_shard_grads(shards)
@@ -198,9 +254,17 @@ class FusedOptimizerMixin:
                 if sampler is not None:  # the plans check before writing: nothing was stepped
                     sampler.cancel_step()
                 raise
+        except BaseException:
+            # ... and the state this step created goes again (the plans are built anew next time).
+            for entry in entries:
+                self._forget_state(entry.created)
+            self._ft_cache.clear()
+            raise
         finally:
             for _, local in shards:  # the DTensor grads own these; do not keep them alive
                 local.grad = None
+        for entry in entries:
+            entry.created = ()
         if sampler is not None:
             sampler.end_step(avg_coef, found_inf)
         return loss

@@ -76,9 +76,10 @@ def normalise_state(p, state, master: bool, backend: str) -> None:
 class GroupPlans:
     """The plans of one param group, and what they were built from."""
 
-    __slots__ = ("group", "params", "params_version", "flags", "buckets", "stateless", "shards")
+    __slots__ = ("group", "params", "params_version", "flags", "buckets", "stateless", "shards", "created",
+                 "on_meta")
 
-    def __init__(self, group, flags, buckets, stateless, shards):
+    def __init__(self, group, flags, buckets, stateless, shards, on_meta=False):
         self.group = group
         self.params = group["params"]
         self.params_version = self.params.version
@@ -86,6 +87,8 @@ class GroupPlans:
         self.buckets = buckets
         self.stateless = stateless  # params without grad or state when built
         self.shards = shards        # NOTE [DTensor shards]: (DTensor param, its local tensor)
+        self.created = ()           # params whose state this build created, until a step commits
+        self.on_meta = on_meta      # meta params: torch's own step runs them
 
     def valid(self, group, flags) -> bool:
         params = group["params"]

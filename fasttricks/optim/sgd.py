@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from fasttricks.ops.sgd import SgdHyper, make_sgd_plan
-from fasttricks.optim._fused import FusedOptimizerMixin
+from fasttricks.optim._fused import FT_GROUP_KEYS, FusedOptimizerMixin
 from fasttricks.optim._plan_cache import state_dtype
 
 __all__ = ["SGD", "SGDW"]
@@ -23,6 +23,7 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
 """
 
     _decoupled_default = False
+    _group_keys = FT_GROUP_KEYS + ("decoupled_weight_decay",)  # torch's SGD has no such key
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None, backend="auto",
@@ -33,10 +34,6 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
         for group in self.param_groups:
             group.setdefault("decoupled_weight_decay", self._decoupled_default)
         self._ft_init(backend, master_weights)
-
-    def add_param_group(self, param_group):
-        super().add_param_group(param_group)
-        self.param_groups[-1].setdefault("decoupled_weight_decay", self._decoupled_default)
 
     def _family_flags(self, group):
         return (group["momentum"] != 0, bool(group["nesterov"]), bool(group.get("decoupled_weight_decay")))

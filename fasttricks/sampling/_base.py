@@ -32,9 +32,8 @@ import torch
 from fasttricks._checks import check_int
 from fasttricks.ops._plan import found_inf_set
 from fasttricks.ops.average import average_reference_
+from fasttricks.optim._fused import SAMPLER_STATE_KEY as _STATE_KEY
 from fasttricks.optim._plan_cache import state_dtype, uses_master
-
-_STATE_KEY = "fasttricks_samplers"
 
 
 def _check_fraction(name: str, value, *, low_open: bool = True) -> float:
@@ -47,13 +46,15 @@ def _check_fraction(name: str, value, *, low_open: bool = True) -> float:
 
 class WeightSampler:
     """Base class; see the module docstring. `fused=None` fuses whenever it can,
-    `fused=False` forces the post-hook path (`fused=True` raises when it cannot fuse)."""
+    `fused=False` forces the post-hook path (`fused=True` raises when it cannot fuse).
+    `name` keys the sampler's state in the optimizer's checkpoints (NOTE
+    [sampler checkpoints]); the default is the class name."""
 
     #: counters saved by state_dict(), in addition to the averages
     _COUNTERS = ("step_in_epoch", "samples", "epoch_samples", "total_samples", "total_steps", "epoch")
 
     def __init__(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int | None = None, *,
-                 fused: bool | None = None):
+                 fused: bool | None = None, name: str | None = None):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"{type(self).__name__} needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.optimizer = optimizer
@@ -81,12 +82,17 @@ class WeightSampler:
         if not self.fused:
             self._handles.append(optimizer.register_step_post_hook(lambda opt, args, kwargs:
                                                                    self.sample_after_step()))
-        # Checkpointed with the optimizer: one entry per sampler, keyed by attach order.
-        count = optimizer.__dict__.get("_ft_sampler_count", 0)
-        optimizer.__dict__["_ft_sampler_count"] = count + 1
-        self._key = f"{count}:{type(self).__name__}"
+        # NOTE [sampler checkpoints]: saved with the optimizer under a stable key.
+        self.key = _sampler_key(optimizer, type(self).__name__, name)
+        _samplers_of(optimizer).append(self)
         self._handles.append(optimizer.register_state_dict_post_hook(self._optimizer_state_dict_hook))
         self._handles.append(optimizer.register_load_state_dict_pre_hook(self._optimizer_load_hook))
+        pending = getattr(optimizer, "_ft_pending_samplers", None)
+        if pending:  # attached after optimizer.load_state_dict (timm's order): claim the saved state
+            saved_key = _find_saved(pending, self.key, type(self).__name__)
+            if saved_key is not None:
+                self.load_state_dict(pending[saved_key])
+                del pending[saved_key]
 
     # ---- what a method defines -------------------------------------------
 
@@ -114,6 +120,9 @@ class WeightSampler:
 
     def _extra_state(self) -> dict:
         return {}
+
+    def _check_extra_state(self, state: dict) -> None:
+        """Raise if `state` cannot be loaded; writes nothing."""
 
     def _load_extra_state(self, state: dict) -> None:
         pass
@@ -285,6 +294,9 @@ class WeightSampler:
         if self.fused:
             self.optimizer.detach_averager(self)
             self.fused = False
+        samplers = _samplers_of(self.optimizer)
+        if self in samplers:
+            samplers.remove(self)
 
     def state_dict(self) -> dict:
         state = {"method": type(self).__name__, "averages": list(self.averages)}
@@ -294,35 +306,95 @@ class WeightSampler:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
-        if state.get("method") != type(self).__name__:
-            raise ValueError(f"{type(self).__name__}.load_state_dict: state is from {state.get('method')!r}")
-        averages = state["averages"]
-        if len(averages) != len(self.averages):
-            raise ValueError(f"{type(self).__name__}.load_state_dict: {len(averages)} averages for "
-                             f"{len(self.averages)} params")
-        for a, b in zip(self.averages, averages):
-            if a.shape != b.shape:
-                raise ValueError(f"{type(self).__name__}.load_state_dict: average shape {tuple(b.shape)}, "
-                                 f"expected {tuple(a.shape)}")
-        for a, b in zip(self.averages, averages):
+        """Everything is checked before anything is written: a state that does
+        not fit raises ValueError and leaves averages and counters as they were."""
+        self.check_state_dict(state)
+        for a, b in zip(self.averages, state["averages"]):
             a.copy_(b)  # in place: fused plans keep pointing at these tensors
         for k in self._COUNTERS:
             setattr(self, k, int(state[k]))
         self._load_extra_state(state)
 
+    def check_state_dict(self, state: dict) -> None:
+        """Raises ValueError if `state` cannot be loaded into this sampler; writes nothing."""
+        name = type(self).__name__
+        if state.get("method") != name:
+            raise ValueError(f"{name}.load_state_dict: state is from {state.get('method')!r}")
+        missing = [k for k in ("averages", *self._COUNTERS) if k not in state]
+        if missing:
+            raise ValueError(f"{name}.load_state_dict: state lacks {missing}")
+        averages = state["averages"]
+        if len(averages) != len(self.averages):
+            raise ValueError(f"{name}.load_state_dict: {len(averages)} averages for {len(self.averages)} params")
+        for a, b in zip(self.averages, averages):
+            if not torch.is_tensor(b) or a.shape != b.shape:
+                raise ValueError(f"{name}.load_state_dict: average shape {tuple(getattr(b, 'shape', ()))}, "
+                                 f"expected {tuple(a.shape)}")
+        self._check_extra_state(state)
+
     def _optimizer_state_dict_hook(self, optimizer, state_dict):
-        state_dict.setdefault(_STATE_KEY, {})[self._key] = self.state_dict()
+        state_dict.setdefault(_STATE_KEY, {})[self.key] = self.state_dict()
         return state_dict
+
+    def saved_state_in(self, saved: dict):
+        """This sampler's entry in a checkpoint's `fasttricks_samplers` dict, or None."""
+        key = _find_saved(saved, self.key, type(self).__name__)
+        return None if key is None else saved[key]
 
     def _optimizer_load_hook(self, optimizer, state_dict):
         saved = state_dict.get(_STATE_KEY, {})
-        if self._key in saved:
-            self.load_state_dict(saved[self._key])
+        saved_key = _find_saved(saved, self.key, type(self).__name__)
+        if saved_key is not None:
+            self.load_state_dict(saved[saved_key])
+            optimizer.__dict__.setdefault("_ft_claimed_samplers", set()).add(saved_key)
         return None
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(epoch={self.epoch}, step_in_epoch={self.step_in_epoch}, "
                 f"samples={self.samples}, fused={self.fused})")
+
+
+# NOTE [sampler checkpoints]
+# Each sampler's state is saved in optimizer.state_dict()["fasttricks_samplers"]
+# under its key: the `name` given to the sampler, else its class name, with
+# ":1", ":2", ... for a second and third sampler of one class on one optimizer.
+# It is restored whether the sampler is attached before optimizer.load_state_dict
+# (a load pre-hook) or after it (a fasttricks optimizer keeps the entries no
+# sampler claimed, and a sampler claims its own when it is created). An entry no
+# sampler has claimed by the next step() is an error (fasttricks optimizers):
+# the run would silently restart its averages. Checkpoints of older versions,
+# keyed "<attach order>:<class>", are found by class when that is unambiguous.
+
+
+def _samplers_of(optimizer) -> list:
+    samplers = optimizer.__dict__.get("_ft_samplers")
+    if samplers is None:
+        samplers = optimizer.__dict__["_ft_samplers"] = []
+    return samplers
+
+
+def _sampler_key(optimizer, cls_name: str, name: str | None) -> str:
+    taken = {s.key for s in _samplers_of(optimizer)}
+    if name is not None:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"{cls_name}: name must be a non-empty str, got {name!r}")
+        if name in taken:
+            raise ValueError(f"{cls_name}: this optimizer already has a sampler named {name!r}")
+        return name
+    key, n = cls_name, 0
+    while key in taken:
+        n += 1
+        key = f"{cls_name}:{n}"
+    return key
+
+
+def _find_saved(saved: dict, key: str, cls_name: str) -> str | None:
+    """The key of this sampler's entry in a saved dict, or None."""
+    if key in saved:
+        return key
+    legacy = [k for k, v in saved.items() if ":" in k and k.split(":", 1)[0].isdigit()
+              and isinstance(v, dict) and v.get("method") == cls_name]
+    return legacy[0] if len(legacy) == 1 and key == cls_name else None
 
 
 def stride_schedule(steps_per_epoch: int, alpha: float, seed: int, epoch: int) -> list[int]:

@@ -1,0 +1,100 @@
+"""Drop-in details torch's own optimizer tests rely on: checkpoints that are
+torch's in structure, meta params, and a failed step that writes nothing."""
+import copy
+
+import pytest
+import torch
+
+import fasttricks.optim as fo
+from helpers import BACKENDS, max_err
+
+PAIRS = [(fo.SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=0.1)),
+         (fo.SGDW, torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=0.1)),
+         (fo.Adam, torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1)),
+         (fo.AdamW, torch.optim.AdamW, dict(lr=1e-2))]
+IDS = ["SGD", "SGDW", "Adam", "AdamW"]
+
+
+def stepped(make, seed=0, steps=2):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=g).requires_grad_() for s in [(4, 3), (5,)]]
+    opt = make(params)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("cls,tcls,cfg", PAIRS, ids=IDS)
+def test_checkpoints_have_torch_group_keys_both_ways(cls, tcls, cfg):
+    _, ours = stepped(lambda ps: cls(ps, backend="reference", master_weights=False, **cfg))
+    _, theirs = stepped(lambda ps: tcls(ps, **cfg))
+    sd, tsd = ours.state_dict(), theirs.state_dict()
+    assert [sorted(g) for g in sd["param_groups"]] == [sorted(g) for g in tsd["param_groups"]]
+    theirs.load_state_dict(copy.deepcopy(sd))  # torch loads ours as one of its own
+    assert [sorted(g) for g in theirs.param_groups] == [sorted(g) for g in tcls([torch.zeros(1)]).param_groups]
+    ours.load_state_dict(copy.deepcopy(tsd))  # and ours keeps its own settings
+    assert all(g["backend"] == "reference" and g["master_weights"] is False for g in ours.param_groups)
+
+
+def test_sgdw_keeps_decoupled_decay_when_loading_a_torch_sgd_checkpoint():
+    cfg = dict(lr=0.1, momentum=0.9, weight_decay=0.1)
+    _, theirs = stepped(lambda ps: torch.optim.SGD(ps, **cfg))
+    params, ours = stepped(lambda ps: fo.SGDW(ps, **cfg))
+    ours.load_state_dict(copy.deepcopy(theirs.state_dict()))
+    assert all(g["decoupled_weight_decay"] for g in ours.param_groups)
+    before = [p.detach().clone() for p in params]
+    bufs = [ours.state[p]["momentum_buffer"].clone() for p in params]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    ours.step()
+    # SGDW: w * (1 - lr wd), then the momentum step on the raw gradient
+    expected = [w * (1 - 0.1 * 0.1) - 0.1 * (0.9 * b + 1.0) for w, b in zip(before, bufs)]
+    assert max_err(params, expected) < 1e-6
+
+
+def test_checkpoint_settings_come_from_the_constructor():
+    _, old = stepped(lambda ps: fo.AdamW(ps, backend="reference"))
+    sd = copy.deepcopy(old.state_dict())
+    for g in sd["param_groups"]:  # as an older fasttricks saved them
+        g["backend"], g["master_weights"] = "reference", True
+    params, opt = stepped(lambda ps: fo.AdamW(ps, backend="auto"), steps=0)
+    opt.load_state_dict(sd)
+    assert all(g["backend"] == "auto" and g["master_weights"] is False for g in opt.param_groups)
+
+
+@pytest.mark.parametrize("cls,tcls,cfg", PAIRS, ids=IDS)
+def test_meta_params_step_as_in_torch(cls, tcls, cfg):
+    for make in (lambda ps: cls(ps, **cfg), lambda ps: tcls(ps, **cfg)):
+        params = [torch.empty(4, 3, device="meta", requires_grad=True), torch.empty(5, device="meta",
+                                                                                    requires_grad=True)]
+        opt = make(params)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.empty_like(p)
+            opt.step()
+        shapes = {k: tuple(v.shape) for k, v in opt.state[params[0]].items() if torch.is_tensor(v)}
+        if cls in (fo.Adam, fo.AdamW):
+            assert shapes["exp_avg"] == (4, 3) and shapes["exp_avg_sq"] == (4, 3)
+        else:
+            assert shapes["momentum_buffer"] == (4, 3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,tcls,cfg", PAIRS, ids=IDS)
+@pytest.mark.parametrize("master", [False, True])
+def test_a_failed_first_step_writes_no_state(backend, cls, tcls, cfg, master):
+    params = [torch.randn(4, 3, dtype=torch.bfloat16).requires_grad_(),
+              torch.randn(6, 2, dtype=torch.bfloat16).requires_grad_()]
+    opt = cls(params, backend=backend, master_weights=master, **cfg)
+    params[0].grad = torch.ones_like(params[0])
+    params[1].grad = torch.ones(6, 2).to_sparse().to(torch.bfloat16)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert len(opt.state) == 0 and opt.state_dict()["state"] == {}
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    params[1].grad = torch.ones_like(params[1])  # and the next good step starts from scratch
+    opt.step()
+    assert len(opt.state) == (2 if master or cls not in (fo.SGD, fo.SGDW) or cfg["momentum"] else 0)
