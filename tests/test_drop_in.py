@@ -98,3 +98,64 @@ def test_a_failed_first_step_writes_no_state(backend, cls, tcls, cfg, master):
     params[1].grad = torch.ones_like(params[1])  # and the next good step starts from scratch
     opt.step()
     assert len(opt.state) == (2 if master or cls not in (fo.SGD, fo.SGDW) or cfg["momentum"] else 0)
+
+
+COMPLEX_CASES = [(fo.Adam, torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
+                 (fo.AdamW, torch.optim.AdamW, dict(lr=1e-2, maximize=True)),
+                 (fo.SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, dampening=0.2, weight_decay=0.1)),
+                 (fo.SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,tcls,cfg", COMPLEX_CASES, ids=["Adam-amsgrad", "AdamW-maximize", "SGD", "SGD-nesterov"])
+def test_complex_params_step_as_in_torch(backend, cls, tcls, cfg):
+    """NOTE [complex params]: stepped as their real views, state kept complex, as torch does."""
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(s, dtype=torch.complex64, generator=g) for s in [(4, 3), (), (4099,)]]
+    base.append(torch.randn(5, generator=g))  # a real param in the same group
+    grads = [[torch.randn(b.shape, dtype=b.dtype, generator=g) for b in base] for _ in range(3)]
+    runs = []
+    for make in (lambda ps: cls(ps, backend=backend, **cfg), lambda ps: tcls(ps, foreach=False, **cfg)):
+        params = [b.clone().requires_grad_() for b in base]
+        opt = make(params)
+        for step in grads:
+            for p, gr in zip(params, step):
+                p.grad = gr.clone()
+            opt.step()
+        runs.append((params, opt))
+    (ours, opt), (theirs, topt) = runs
+    assert max_err([torch.view_as_real(p.detach()) if p.is_complex() else p for p in ours],
+                   [torch.view_as_real(p.detach()) if p.is_complex() else p for p in theirs]) < 1e-5
+    for p, q in zip(ours, theirs):
+        for k, v in topt.state[q].items():
+            assert opt.state[p][k].dtype == v.dtype, k
+    assert all(p.grad is not None for p in ours)  # the grads the user set are untouched
+
+
+def test_complex_param_replaced_under_the_optimizer():
+    p = torch.randn(6, dtype=torch.complex64).requires_grad_()
+    opt = fo.SGD([p], lr=0.1)
+    p.grad = torch.full_like(p, 1 + 1j)
+    opt.step()
+    fresh = torch.zeros(6, dtype=torch.complex64)
+    p.data = fresh  # a new memory: the plan's real view follows it
+    opt.step()
+    assert torch.allclose(p.detach(), torch.full((6,), -0.1 - 0.1j))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_complex_params_fused_average_equals_the_hook(backend):
+    from fasttricks.sampling import EMA
+
+    base = torch.randn(4, 3, dtype=torch.complex64, generator=torch.Generator().manual_seed(1))
+    averages = []
+    for fused in (None, False):
+        p = base.clone().requires_grad_()
+        opt = fo.AdamW([p], lr=1e-2, backend=backend)
+        ema = EMA(opt, decay=0.5, fused=fused)
+        for k in range(3):
+            p.grad = torch.full_like(p, complex(k, -k))
+            opt.step()
+        averages.append(ema.averages[0])
+    assert averages[0].dtype == torch.complex64
+    assert torch.allclose(torch.view_as_real(averages[0]), torch.view_as_real(averages[1]), atol=1e-6)

@@ -31,8 +31,8 @@ import torch
 from fasttricks import _backends
 from fasttricks.ops._plan import is_dtensor, local_shards
 from fasttricks.optim import _compat
-from fasttricks.optim._plan_cache import (GroupPlans, PlanCache, backend_for, bind_shard_grads, normalise_state,
-                                          uses_master)
+from fasttricks.optim._plan_cache import (GroupPlans, PlanCache, backend_for, bind_real_view_grads,
+                                          bind_shard_grads, normalise_state, uses_master)
 from fasttricks.optim._tracked import StateDict
 
 SAMPLER_STATE_KEY = "fasttricks_samplers"  # NOTE [sampler checkpoints]
@@ -191,18 +191,23 @@ class FusedOptimizerMixin:
             self.state.pop(p, None)
 
     def _build_buckets(self, group, flags, buckets, stateless, backends) -> GroupPlans:
-        plans, shards = [], []
+        plans, shards, real_views = [], [], []
         for (device, dtype, sharded), params in buckets.items():
             backend = backend_for(group, device, backends)
             master = uses_master(group, dtype)
-            plan = self._build_plan(backend, group, params, master)
+            view = None
+            if dtype.is_complex:  # NOTE [complex params]
+                views = {id(p): torch.view_as_real(p.detach()) for p in params}
+                view = lambda t, views=views: views.get(id(t)) if id(t) in views else torch.view_as_real(t)  # noqa: E731
+                real_views += [(p, views[id(p)]) for p in params]
+            plan = self._build_plan(backend, group, params, master, view or _same)
             if self._ft_sampler is not None:
-                averages = self._ft_sampler.averages_for(params, master)
+                averages = [(view or _same)(a) for a in self._ft_sampler.averages_for(params, master)]
                 plan.set_averages(local_shards(averages) if sharded and backend != "reference" else averages)
             if sharded and backend != "reference":
                 shards += [(p, p._local_tensor) for p in params]
             plans.append(plan)
-        return GroupPlans(group, flags, plans, stateless, shards)
+        return GroupPlans(group, flags, plans, stateless, shards, real_views=real_views)
 
     # ---- the step -------------------------------------------------------
 
@@ -236,9 +241,12 @@ class FusedOptimizerMixin:
             _compat.torch_step(self, None)
             return loss
         shards = [pair for entry in entries for pair in entry.shards]
-        if shards:
-            bind_shard_grads(shards)
+        real_views = [pair for entry in entries for pair in entry.real_views]
         try:
+            if shards:
+                bind_shard_grads(shards)
+            if real_views:
+                bind_real_view_grads(real_views, type(self).__name__)
             if len(entries) > 1 or len(entries[0].buckets) > 1:
                 # A bad grad in a later plan must not leave the earlier ones stepped.
                 for entry in entries:
@@ -261,8 +269,8 @@ class FusedOptimizerMixin:
             self._ft_cache.clear()
             raise
         finally:
-            for _, local in shards:  # the DTensor grads own these; do not keep them alive
-                local.grad = None
+            for _, view in shards + real_views:  # the params' grads own these: do not keep them alive
+                view.grad = None
         for entry in entries:
             entry.created = ()
         if sampler is not None:
@@ -272,3 +280,6 @@ class FusedOptimizerMixin:
     def _step_plan(self, plan, hyper, grad_scale, found_inf, avg_coef):
         return plan.step(hyper, grad_scale, found_inf, avg_coef)
 
+
+def _same(t):
+    return t

@@ -54,7 +54,7 @@ def normalise_state(p, state, master: bool, backend: str) -> None:
     kernels read it as float32), float32 or float64 on the CPU otherwise."""
     want = state_dtype(p.dtype, master)
     for k, v in list(state.items()):
-        if k == "step" or not torch.is_tensor(v) or not v.is_floating_point():
+        if k == "step" or not torch.is_tensor(v) or not (v.is_floating_point() or v.is_complex()):
             continue
         if k == "master_param" and not master:
             del state[k]
@@ -76,10 +76,10 @@ def normalise_state(p, state, master: bool, backend: str) -> None:
 class GroupPlans:
     """The plans of one param group, and what they were built from."""
 
-    __slots__ = ("group", "params", "params_version", "flags", "buckets", "stateless", "shards", "created",
-                 "on_meta")
+    __slots__ = ("group", "params", "params_version", "flags", "buckets", "stateless", "shards", "real_views",
+                 "created", "on_meta")
 
-    def __init__(self, group, flags, buckets, stateless, shards, on_meta=False):
+    def __init__(self, group, flags, buckets, stateless, shards, on_meta=False, real_views=()):
         self.group = group
         self.params = group["params"]
         self.params_version = self.params.version
@@ -87,6 +87,7 @@ class GroupPlans:
         self.buckets = buckets
         self.stateless = stateless  # params without grad or state when built
         self.shards = shards        # NOTE [DTensor shards]: (DTensor param, its local tensor)
+        self.real_views = real_views  # NOTE [complex params]: (complex param, its real view)
         self.created = ()           # params whose state this build created, until a step commits
         self.on_meta = on_meta      # meta params: torch's own step runs them
 
@@ -94,7 +95,8 @@ class GroupPlans:
         params = group["params"]
         return (self.group is group and params is self.params and params.version == self.params_version
                 and flags == self.flags and not any(p.grad is not None for p in self.stateless)
-                and all(p._local_tensor is local for p, local in self.shards))
+                and all(p._local_tensor is local for p, local in self.shards)
+                and all(v.data_ptr() == p.data_ptr() and v.shape[:-1] == p.shape for p, v in self.real_views))
 
 
 class PlanCache:
@@ -157,6 +159,29 @@ def backend_for(group, device, cache: dict) -> str:
 # local param for the C++/device plans to read, after checking that the grad
 # is placed like its param (a Partial grad would need a reduction first). The
 # plans are rebuilt if a param's local tensor is ever replaced.
+
+
+# NOTE [complex params]
+# torch steps a complex param as its real view (torch.view_as_real: the real
+# and imaginary parts as a trailing dimension of 2), with its grad and state
+# viewed the same way; Adam's g * g is then taken part by part, as torch does.
+# The plans run on those views (the state stays complex, as torch keeps it):
+# each step binds the real view of the param's grad to the param's real view,
+# for the C++ and device plans to read, and unbinds it afterwards. A param whose
+# memory was replaced (`p.data = ...`) gets a new view (GroupPlans.valid).
+
+
+def bind_real_view_grads(views, op: str) -> None:
+    for p, view in views:
+        g = p.grad
+        if g is not None:
+            if g.is_sparse:
+                raise RuntimeError(f"{op} does not support sparse gradients")
+            if g.dtype != p.dtype or g.shape != p.shape:
+                raise RuntimeError(f"{op}: gradient {g.dtype} {tuple(g.shape)} does not match the complex parameter "
+                                   f"{p.dtype} {tuple(p.shape)}")
+            g = torch.view_as_real(g)
+        view.grad = g
 
 
 def bind_shard_grads(shards) -> None:

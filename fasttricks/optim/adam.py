@@ -42,17 +42,17 @@ class _AdamFamily(FusedOptimizerMixin):
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _build_plan(self, backend, group, params, master):
+    def _build_plan(self, backend, group, params, master, view):
+        """`view` maps a param or state tensor to what the plan steps (NOTE [complex params])."""
         states = [self.state[p] for p in params]
         if group["amsgrad"]:
             for s in states:
                 if "max_exp_avg_sq" not in s:
                     s["max_exp_avg_sq"] = torch.zeros_like(s["exp_avg_sq"])
+        slot = lambda name: [view(s[name]) for s in states]  # noqa: E731
         return make_adam_plan(
-            backend, params, [s["step"] for s in states], [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
-            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None,
-            [s["master_param"] for s in states] if master else None,
+            backend, [view(p) for p in params], [s["step"] for s in states], slot("exp_avg"), slot("exp_avg_sq"),
+            slot("max_exp_avg_sq") if group["amsgrad"] else None, slot("master_param") if master else None,
             amsgrad=bool(group["amsgrad"]), decoupled=self._decoupled(group))
 
     def _hyper(self, group) -> AdamHyper:

@@ -45,7 +45,8 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
     def _init_state(self, group, p):
         return self.state.get(p)  # the buffer comes from the plan (_build_plan)
 
-    def _build_plan(self, backend, group, params, master):
+    def _build_plan(self, backend, group, params, master, view):
+        """`view` maps a param or state tensor to what the plan steps (NOTE [complex params])."""
         momentum = group["momentum"] != 0
         bufs, first, pending = ([], [], {}) if momentum else (None, [False] * len(params), {})
         if momentum:
@@ -56,10 +57,10 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
                     buf = torch.zeros_like(p, dtype=state_dtype(p.dtype, master),
                                            memory_format=torch.preserve_format)
                     pending[i] = (p, buf)
-                bufs.append(buf)
+                bufs.append(view(buf))
                 first.append(i in pending)
-        plan = make_sgd_plan(backend, params,
-                             bufs, [self.state[p]["master_param"] for p in params] if master else None, first,
+        plan = make_sgd_plan(backend, [view(p) for p in params], bufs,
+                             [view(self.state[p]["master_param"]) for p in params] if master else None, first,
                              nesterov=bool(group["nesterov"]), decoupled=bool(group.get("decoupled_weight_decay")))
         plan._ft_pending = pending  # buffers that enter the state on their first committed step
         return plan
