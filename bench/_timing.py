@@ -2,10 +2,13 @@
 warm-ups, medians; the memory ceiling measured in the same run."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -74,12 +77,36 @@ def environment(device="cpu") -> dict:
     return {"device": name, "torch": torch.__version__, "python": platform.python_version(), "git": sha}
 
 
-def write_rows(stem: str, rows: list[dict], device="cpu") -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def add_save_flag(parser) -> None:
+    parser.add_argument("--save", action="store_true",
+                        help="write the rows to bench/results/ (the committed results the README cites)")
+
+
+def write_rows(stem: str, rows: list[dict], device="cpu", save: bool = False) -> None:
+    """Rows go to bench/results/<stem>_<cpu|cuda>.json only when asked (--save):
+    a casual run must not overwrite the results the README cites."""
     kind = "cuda" if torch.device(device).type == "cuda" else "cpu"
     path = RESULTS / f"{stem}_{kind}.json"
+    if not save:
+        print(f"\n(not saved; --save writes {path})")
+        return
+    RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"environment": environment(device), "rows": rows}, indent=1) + "\n")
-    return path
+    print(f"\nwrote {path}")
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silences file descriptor 2 (the torch profiler's C++ "USDT:" lines) for the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def print_table(rows: list[dict], cols: list[str]) -> None:

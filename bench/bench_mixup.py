@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import ceiling_gbps, compare, print_table, write_rows  # noqa: E402
+from _timing import add_save_flag, quiet_stderr, ceiling_gbps, compare, print_table, write_rows  # noqa: E402
 
 from fasttricks.losses import soft_target_cross_entropy  # noqa: E402
 from fasttricks.mixup import MixedTarget  # noqa: E402
@@ -68,7 +68,7 @@ def forward_alloc_bytes(fn) -> int:
     """Bytes the forward allocates on the CPU (torch profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     return sum(max(0, e.self_cpu_memory_usage) for e in prof.key_averages())
 
@@ -78,6 +78,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--iters", type=int, default=20)
+    add_save_flag(ap)
     args = ap.parse_args(argv)
     device, rows = args.device, []
     B, shape = (64, (3, 224, 224)) if not args.quick else (32, (3, 128, 128))
@@ -106,10 +107,9 @@ def main(argv=None):
         if device == "cpu":
             row["fwd_alloc_BxC_units"] = forward_alloc_bytes(fwd[impl]) / (B * C * 4)
         rows.append(row)
-    path = write_rows("mixup", rows, device)
     print_table(rows, ["case", "shape", "impl", "median_ms", "speedup", "GBps", "ceiling_GBps",
                        "fwd_alloc_BxC_units"])
-    print(f"\nwrote {path}")
+    write_rows("mixup", rows, device, args.save)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import ceiling_gbps, compare, print_table, write_rows  # noqa: E402
+from _timing import add_save_flag, ceiling_gbps, compare, print_table, write_rows  # noqa: E402
 
 import fasttricks.optim as fo  # noqa: E402
 
@@ -103,6 +103,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="skip the 100M-param set")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--sets", default=None, help=f"comma-separated subset of {','.join(SHAPE_SETS)}")
+    add_save_flag(ap)
     args = ap.parse_args(argv)
     device = args.device
     rows = []
@@ -134,11 +135,10 @@ def main(argv=None):
                     row["ceiling_GBps"] = ceiling
                 rows.append(row)
             del fns
-    path = write_rows("optim", rows, device)
     for r in rows:
         r["speedup"] = r.get("speedup_vs_torch_fused", r.get("speedup_vs_torch_upcast_fused"))
     print_table(rows, ["case", "shapes", "impl", "median_ms", "speedup", "GBps", "ceiling_GBps", "step_us_warm"])
-    print(f"\nwrote {path}")
+    write_rows("optim", rows, device, args.save)
     return rows
 
 

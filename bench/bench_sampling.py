@@ -24,7 +24,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import ceiling_gbps, compare, print_table, sync, write_rows  # noqa: E402
+from _timing import add_save_flag, ceiling_gbps, compare, print_table, sync, write_rows  # noqa: E402
 from bench_optim import SHAPE_SETS, make  # noqa: E402
 
 import fasttricks.optim as fo  # noqa: E402
@@ -121,6 +121,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="fewer timed rounds")
     ap.add_argument("--iters", type=int, default=20)
+    add_save_flag(ap)
     args = ap.parse_args(argv)
     device = args.device
     rows = []
@@ -149,10 +150,9 @@ def main(argv=None):
             row["epoch_end_pct_of_390_steps"] = end / (390 * plain) * 100
         rows.append(row)
 
-    path = write_rows("sampling", rows, device)
     print_table(rows, ["case", "shapes", "impl", "median_ms", "speedup", "GBps", "ceiling_GBps", "overhead_pct",
                        "epoch_end_pct_of_390_steps"])
-    print(f"\nwrote {path}")
+    write_rows("sampling", rows, device, args.save)
     return rows
 
 

@@ -263,7 +263,7 @@ def main(argv=None):
     report["probes"]["both"] = {name: run_probe(fn, None) for name, fn in SHARED_PROBES.items()}
     if not args.skip_benches:
         for bench in ("bench_optim.py", "bench_sampling.py", "bench_mixup.py"):
-            cmd = [sys.executable, f"bench/{bench}", "--device", "cuda"] + (["--quick"] if args.quick else [])
+            cmd = [sys.executable, f"bench/{bench}", "--device", "cuda", "--save"] + (["--quick"] if args.quick else [])
             report["benches"].append(run_command(cmd, timeout=900))
     slug = re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")
     RESULTS.mkdir(exist_ok=True)

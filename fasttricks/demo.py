@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import platform
 import statistics
 import sys
@@ -42,7 +43,11 @@ from fasttricks.losses import soft_target_cross_entropy
 from fasttricks.mixup import Mixup
 from fasttricks.optim import SGD
 
-__all__ = ["DemoConfig", "RECIPES", "run_demo", "train_recipe"]
+__all__ = ["DemoConfig", "RECIPES", "Diverged", "run_demo", "train_recipe"]
+
+
+class Diverged(RuntimeError):
+    """A run's training loss became NaN or infinite."""
 
 RECIPES = ("plain_sgd", "bag_of_tricks", "pswa", "pwalks", "pswm", "swa", "ema", "random_gradient")
 SAMPLING_RECIPES = ("pswa", "pwalks", "pswm", "swa", "ema")
@@ -150,10 +155,14 @@ def train_recipe(recipe: str, seed: int, data, cfg: DemoConfig) -> dict:
                 loss = soft_target_cross_entropy(net(xb), target)
             else:
                 loss = F.cross_entropy(net(xb), yb)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise Diverged(f"{recipe} seed {seed}: the training loss became {value} in epoch {epoch + 1} "
+                               f"(lr {cfg.lr:g}); try a smaller --lr")
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss.detach()) * len(yb)
+            total += value * len(yb)
             count += len(yb)
         if sampler is not None:  # BN is recalibrated only by the methods that reassign
             sampler.end_epoch(model=model, bn_loader=bn_loader, bn_fraction=cfg.bn_fraction)
@@ -216,20 +225,25 @@ def summarise(runs: list[dict], epochs: int) -> list[dict]:
     return rows
 
 
-def write_report(out: Path, cfg: DemoConfig, runs: list[dict], rows: list[dict], command: str, seconds: float):
+def write_report(out: Path, cfg: DemoConfig, runs: list[dict], rows: list[dict], command: str, seconds: float,
+                 status: str = "complete", failed: list[dict] = (), plots: bool = True):
     out.mkdir(parents=True, exist_ok=True)
     env = {"fasttricks": fasttricks.__version__, "torch": torch.__version__, "python": platform.python_version(),
            "threads": torch.get_num_threads(), "machine": platform.machine(),
            "backends": {k: v["available"] for k, v in fasttricks.backends().items()}}
-    (out / "report.json").write_text(json.dumps({"config": asdict(cfg), "command": command, "environment": env,
-                                                  "wall_seconds": seconds, "summary": rows, "runs": runs},
-                                                 indent=1) + "\n")
+    (out / "report.json").write_text(json.dumps({"config": asdict(cfg), "command": command, "status": status,
+                                                  "environment": env, "wall_seconds": seconds, "summary": rows,
+                                                  "runs": runs, "failed": list(failed)}, indent=1) + "\n")
     lines = [f"# fasttricks demo: {cfg.data}, {cfg.epochs} epochs, {cfg.seeds} seeds", "",
              f"Command: `{command}`  ", f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-             f"{seconds:.0f} s wall.", "",
-             "| recipe | final test acc (%) | best (%) | SD last {n} epochs | epochs improving | within 0.2 of "
-             "previous | within 0.2 of best | s / epoch | overhead vs plain |".format(n=rows[0]["last_epochs"]),
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"{seconds:.0f} s wall. Status: **{status}** ({len(runs)} runs finished).", ""]
+    lines += [f"- failed: {f['error']}" for f in failed] + ([""] if failed else [])
+    if not rows:
+        (out / "report.md").write_text("\n".join(lines + ["No run has finished yet.", ""]))
+        return
+    lines += ["| recipe | final test acc (%) | best (%) | SD last {n} epochs | epochs improving | within 0.2 of "
+              "previous | within 0.2 of best | s / epoch | overhead vs plain |".format(n=rows[0]["last_epochs"]),
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         over = f"{r['overhead_pct_vs_plain']:+.1f}%" if "overhead_pct_vs_plain" in r else ""
         lines.append(f"| {r['recipe']} | {r['final_acc_mean']:.2f} ± {r['final_acc_sd']:.2f} | "
@@ -240,7 +254,8 @@ def write_report(out: Path, cfg: DemoConfig, runs: list[dict], rows: list[dict],
               "Time per epoch is the median over epochs and seeds; overhead is that time (training plus epoch-end reassignment and BN recalibration) "
               "against plain_sgd. Plots: `accuracy.png`, `lr_schedule.png`.", ""]
     (out / "report.md").write_text("\n".join(lines))
-    _plots(out, runs)
+    if plots:
+        _plots(out, runs)
 
 
 def _line_plot(path: Path, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, height: float) -> None:
@@ -278,27 +293,49 @@ def _plots(out: Path, runs: list[dict]) -> None:
 
 
 def run_demo(cfg: DemoConfig, command: str | None = None) -> dict:
-    """Train every recipe for every seed and write the report (rank 0)."""
+    """Train every recipe for every seed and write the report (rank 0). The
+    report is rewritten after every finished run (marked partial until the
+    last), so an interruption loses no finished run. A run whose loss
+    diverges is recorded as failed and the others go on; `failed` lists them.
+    Ctrl-C (KeyboardInterrupt) writes the partial report, then re-raises."""
     rank, world = _dist()
     data = load_data(cfg)
-    runs = []
+    runs, failed = [], []
     jobs = [(recipe, seed) for seed in range(cfg.seeds) for recipe in cfg.recipes]
+    out, command = Path(cfg.out), command or "fasttricks demo"
     bar = None
     if cfg.progress and rank == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(jobs), desc="demo", unit="run", file=sys.stderr)
     t0 = time.perf_counter()
-    for recipe, seed in jobs:
+
+    def report(status: str):
+        if rank == 0:
+            write_report(out, cfg, runs, summarise(runs, cfg.epochs) if runs else [], command,
+                         time.perf_counter() - t0, status=status, failed=failed, plots=status != "running")
+
+    report("running")  # no older report stays in place as if it were this run's
+    try:
+        for recipe, seed in jobs:
+            if bar is not None:
+                bar.set_postfix_str(f"{recipe} seed {seed}")
+            try:
+                runs.append(train_recipe(recipe, seed, data, cfg))
+            except Diverged as exc:
+                failed.append({"recipe": recipe, "seed": seed, "error": str(exc)})
+            if bar is not None:
+                bar.update(1)
+            if len(runs) + len(failed) < len(jobs):
+                report("running")
+    except KeyboardInterrupt:
         if bar is not None:
-            bar.set_postfix_str(f"{recipe} seed {seed}")
-        runs.append(train_recipe(recipe, seed, data, cfg))
-        if bar is not None:
-            bar.update(1)
+            bar.close()
+        report(f"partial: interrupted after {len(runs) + len(failed)} of {len(jobs)} runs")
+        raise
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t0
-    rows = summarise(runs, cfg.epochs)
-    if rank == 0:
-        write_report(Path(cfg.out), cfg, runs, rows, command or "fasttricks demo", seconds)
-    return {"summary": rows, "runs": runs, "wall_seconds": seconds}
+    rows = summarise(runs, cfg.epochs) if runs else []
+    report("complete" if not failed else f"complete, {len(failed)} of {len(jobs)} runs failed")
+    return {"summary": rows, "runs": runs, "failed": failed, "wall_seconds": seconds}

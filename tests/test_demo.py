@@ -64,3 +64,64 @@ def test_gpu_check_without_a_gpu_says_so(tmp_path):
     assert out.returncode != 0
     assert out.stderr.strip().splitlines()[-1] == "gpu_check: no CUDA device visible"
     assert sorted((root / "bench" / "results").iterdir()) == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "-3"], "argument --epochs: must be an integer >= 1, got -3"),
+    (["--epochs", "0"], "argument --epochs: must be an integer >= 1, got 0"),
+    (["--seeds", "0"], "argument --seeds: must be an integer >= 1, got 0"),
+    (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got 0"),
+    (["--lr", "nan"], "argument --lr: must be a finite number > 0, got nan"),
+    (["--recipes", "plain_sgd,nope"], "argument --recipes: unknown recipe(s) nope"),
+])
+def test_cli_rejects_bad_values_before_training(args, message):
+    out = subprocess.run(fasttricks_command() + ["demo", *args], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith(f"fasttricks demo: error: {message}")
+
+
+def test_cli_checks_the_output_folder_up_front(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    out = subprocess.run(fasttricks_command() + ["demo", "--out", str(blocker / "out")], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "cannot write to --out" in out.stderr.strip().splitlines()[-1]
+
+
+def test_cli_version():
+    out = subprocess.run(fasttricks_command() + ["--version"], capture_output=True, text=True, timeout=120)
+    import fasttricks
+
+    assert out.returncode == 0 and out.stdout.strip() == f"fasttricks {fasttricks.__version__}"
+
+
+def test_a_diverging_run_is_reported_and_fails_the_command(tmp_path):
+    out = subprocess.run(fasttricks_command() + ["demo", "--epochs", "1", "--seeds", "1", "--recipes", "plain_sgd",
+                                                 "--lr", "1e30", "--no-progress", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    assert "the training loss became" in out.stderr and "try a smaller --lr" in out.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["status"] == "complete, 1 of 1 runs failed" and report["runs"] == []
+
+
+def test_interrupt_writes_the_finished_runs_as_partial(tmp_path, monkeypatch):
+    from fasttricks import cli, demo
+
+    real, calls = demo.train_recipe, []
+
+    def train_then_interrupt(recipe, seed, data, cfg):
+        calls.append(recipe)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(recipe, seed, data, cfg)
+
+    monkeypatch.setattr(demo, "train_recipe", train_then_interrupt)
+    (tmp_path / "report.md").write_text("an older report")
+    code = cli.main(["demo", "--epochs", "1", "--seeds", "1", "--recipes", "plain_sgd,ema", "--no-progress",
+                     "--out", str(tmp_path)])
+    assert code == 130
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["status"] == "partial: interrupted after 1 of 2 runs"
+    assert [r["recipe"] for r in report["runs"]] == ["plain_sgd"]
+    assert "partial" in (tmp_path / "report.md").read_text()
