@@ -138,7 +138,7 @@ def train_recipe(recipe: str, seed: int, data, cfg: DemoConfig) -> dict:
                "pwalks": lambda: sampling.PWALKS(opt, b, k=0.05),
                "pswm": lambda: sampling.PSWM(opt, b, m=0.5, alpha=1.0, seed=seed),
                "swa": lambda: sampling.SWA(opt, b, start_epoch=E * 3 // 4),
-               "ema": lambda: sampling.EMA(opt, decay=0.99, warmup=True)}.get(recipe, lambda: None)()
+               "ema": lambda: sampling.EMA(opt, decay=0.99, warmup=True, model=model)}.get(recipe, lambda: None)()
     if recipe == "random_gradient":
         tricks.RandomGradient(0.0, 1.0, seed=seed).fold_into(opt)
     accs, train_losses, epoch_times, lrs = [], [], [], []

@@ -31,14 +31,21 @@ class LRFinderResult:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(self.lrs, self.losses, label="smoothed loss")
         ax.plot(self.lrs, self.raw_losses, alpha=0.3, label="loss")
+        ax.plot(self.lrs, self.losses, label="smoothed loss")
         if self.suggestion is not None:
-            ax.axvline(self.suggestion, color="r", linestyle="--", label=f"suggestion {self.suggestion:.2e}")
+            i = self.lrs.index(self.suggestion)
+            ax.axvline(self.suggestion, color="r", linestyle="--", linewidth=1)
+            ax.plot([self.suggestion], [self.losses[i]], "o", color="r", label=f"suggestion {self.suggestion:.2e}")
+        finite = [v for v in self.losses if math.isfinite(v)]
+        if finite:  # clip the divergence tail, which would flatten the part that matters
+            low, high = min(finite), max(finite[: max(1, len(finite) // 10)])
+            pad = 0.1 * (high - low) or 0.1 * abs(high) or 1.0
+            ax.set_ylim(low - pad, high + 3 * pad)
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("loss")
-        ax.set_title(title)
+        ax.set_title(title + (" (stopped: the loss diverged)" if self.diverged else ""))
         ax.legend()
         fig.tight_layout()
         fig.savefig(path, dpi=100)
@@ -64,18 +71,38 @@ def _default_step(model, batch, loss_fn):
     return loss_fn(model(x), y)
 
 
-def _suggest(lrs, losses):
-    """The lr of the steepest descent of the smoothed loss (per log lr), looked
-    for before the loss minimum."""
-    if len(losses) < 3:
+def suggest_lr(lrs, losses, skip_begin: int) -> float | None:
+    """The suggestion rule (docs/tricks.md), on the smoothed losses:
+
+    1. drop the first `skip_begin` points (the smoothing's warm-up: its first
+       values average only a few noisy batches) and everything after the
+       minimum of the rest (the divergence tail);
+    2. in what is left (n points), take the slope of the loss against log(lr)
+       over a window of w = max(1, n // 20) points on each side, which a
+       single noisy batch cannot dominate;
+    3. suggest the lr where that slope is steepest downhill: where the loss
+       falls fastest, as far from the flat start as from the minimum.
+
+    None when fewer than 3 points remain or the loss never falls."""
+    if not losses:
         return None
-    end = min(range(len(losses)), key=losses.__getitem__)
-    if end < 2:
+    begin = min(skip_begin, len(losses) - 1)
+    end = min(range(begin, len(losses)), key=losses.__getitem__)
+    xs = losses[begin:end + 1]
+    logs = [math.log(lr) for lr in lrs[begin:end + 1]]
+    n = len(xs)
+    if n < 3:
         return None
-    logs = [math.log(lr) for lr in lrs[: end + 1]]
-    slopes = [(losses[i + 1] - losses[i - 1]) / (logs[i + 1] - logs[i - 1]) for i in range(1, end)]
-    i = min(range(len(slopes)), key=slopes.__getitem__)
-    return lrs[i + 1] if slopes[i] < 0 else None
+    w = max(1, n // 20)
+    slopes = {}
+    for i in range(1, n - 1):
+        lo, hi = max(0, i - w), min(n - 1, i + w)
+        if logs[hi] > logs[lo]:
+            slopes[i] = (xs[hi] - xs[lo]) / (logs[hi] - logs[lo])
+    if not slopes:
+        return None
+    i = min(slopes, key=slopes.__getitem__)
+    return lrs[begin + i] if slopes[i] < 0 else None
 
 
 def lr_find(model: torch.nn.Module, loader, loss_fn, optimizer: torch.optim.Optimizer, start_lr: float = 1e-7,
@@ -138,5 +165,7 @@ def lr_find(model: torch.nn.Module, loader, loss_fn, optimizer: torch.optim.Opti
         torch.set_rng_state(saved_rng)
         model.train(was_training)
     finite = [(lr, l) for lr, l in zip(result.lrs, result.losses) if math.isfinite(l)]
-    result.suggestion = _suggest([f[0] for f in finite], [f[1] for f in finite])
+    # The smoothing's warm-up: about 1/smooth batches, at most a tenth of the sweep.
+    skip = min(math.ceil(0.5 / smooth), num_steps // 10)
+    result.suggestion = suggest_lr([f[0] for f in finite], [f[1] for f in finite], skip)
     return result

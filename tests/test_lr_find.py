@@ -66,3 +66,61 @@ def test_lr_find_bad_arguments():
                     ({"mode": "cos"}, "mode")]:
         with pytest.raises(ValueError, match=msg):
             fasttricks.lr_find(model, regression(), nn.functional.mse_loss, opt, **kw)
+
+
+def assert_suggests_in_the_steep_descent(result, low, high):
+    """The suggestion lies in [low, high] (the range known to train well) and in
+    the descending part: past the first tenth of the drop, before the minimum."""
+    assert result.suggestion is not None
+    i = result.lrs.index(result.suggestion)
+    best = min(range(len(result.losses)), key=result.losses.__getitem__)
+    start = result.losses[len(result.losses) // 10]
+    assert i < best
+    assert result.losses[i] < start - 0.1 * (start - result.losses[best])
+    assert low <= result.suggestion <= high, result.suggestion
+
+
+def test_suggestion_on_linear_regression():
+    """The case that suggested 1.4e-5 (the second point of the sweep) before: the
+    loss falls fastest around 1e-2."""
+    torch.manual_seed(0)
+    model = nn.Linear(8, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    result = fasttricks.lr_find(model, regression(), nn.functional.mse_loss, opt, start_lr=1e-5, end_lr=10.0,
+                                num_steps=80)
+    assert_suggests_in_the_steep_descent(result, 1e-3, 1e-1)
+
+
+def test_suggestion_on_a_small_cnn_on_digits():
+    from fasttricks.data import Batches, load_digits
+
+    x, y, _, _ = load_digits()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
+    opt = fasttricks.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    result = fasttricks.lr_find(model, Batches(x, y, 64, seed=0), nn.functional.cross_entropy, opt,
+                                start_lr=1e-5, end_lr=10.0, num_steps=100)
+    assert_suggests_in_the_steep_descent(result, 1e-3, 1.0)
+
+
+def test_suggestion_when_the_loss_diverges_early():
+    """Badly scaled inputs: the sweep diverges around lr 1e-3 already; the
+    suggestion stays below that, in the descent."""
+    data = [(x * 30, y * 30) for x, y in regression()]
+    torch.manual_seed(0)
+    model = nn.Linear(8, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    result = fasttricks.lr_find(model, data, nn.functional.mse_loss, opt, start_lr=1e-7, end_lr=10.0,
+                                num_steps=100)
+    assert result.diverged and result.lrs[-1] < 1e-1
+    assert_suggests_in_the_steep_descent(result, 1e-6, result.lrs[-1] / 10)
+
+
+def test_suggest_lr_rule_by_hand():
+    from fasttricks.lr_find import suggest_lr
+
+    lrs = [10.0 ** (k / 2) for k in range(-12, 1)]
+    # noisy start (skipped: its 1.0 is no minimum), the descent, the minimum, the divergence tail
+    losses = [5.0, 1.0, 5.2, 5.0, 4.9, 4.6, 3.0, 2.0, 1.5, 1.2, 1.1, 3.0, 9.0]
+    assert suggest_lr(lrs, losses, skip_begin=3) == lrs[6]  # 4.6 -> 3.0 -> 2.0: the steepest fall
+    assert suggest_lr(lrs, [3.0, 4.0, 5.0], skip_begin=0) is None  # never decreases

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import torch
 
@@ -53,10 +54,18 @@ class WeightSampler:
     #: counters saved by state_dict(), in addition to the averages
     _COUNTERS = ("step_in_epoch", "samples", "epoch_samples", "total_samples", "total_steps", "epoch")
 
+    #: whether the method needs steps_per_epoch (its schedule is per epoch)
+    _NEEDS_STEPS_PER_EPOCH = True
+
     def __init__(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int | None = None, *,
-                 fused: bool | None = None, name: str | None = None):
+                 fused: bool | None = None, name: str | None = None, model: torch.nn.Module | None = None):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"{type(self).__name__} needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if steps_per_epoch is None and self._NEEDS_STEPS_PER_EPOCH:
+            raise TypeError(f"{type(self).__name__} needs steps_per_epoch: the optimizer steps per epoch, "
+                            "len(train_loader)")
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"{type(self).__name__}: model must be a torch.nn.Module, got {type(model).__name__}")
         self.optimizer = optimizer
         self.steps_per_epoch = None if steps_per_epoch is None else check_int("steps_per_epoch", steps_per_epoch, 1)
         self.params: list[torch.Tensor] = [p for g in optimizer.param_groups for p in g["params"]]
@@ -66,6 +75,14 @@ class WeightSampler:
         with torch.no_grad():
             self.averages: list[torch.Tensor] = [p.detach().to(state_dtype(p.dtype, uses_master(g, p.dtype)), copy=True)
                                                  for g in optimizer.param_groups for p in g["params"]]
+        # NOTE [averaged buffers]: with model=, its buffers are averaged too.
+        self.model = model
+        if model is not None:
+            self._check_model(model, "model")
+        self.buffer_names = [n for n, _ in model.named_buffers()] if model is not None else []
+        with torch.no_grad():
+            self.buffer_averages = [b.detach().clone() for _, b in model.named_buffers()] if model is not None else []
+        self._warned: set[str] = set()
         self.step_in_epoch = 0   # i: optimizer steps in this epoch
         self.samples = 0         # j: samples in the current averaging window
         self.epoch_samples = 0   # samples taken in this epoch
@@ -152,6 +169,7 @@ class WeightSampler:
         sampled = coef != 0.0 and not found_inf_set(found_inf)
         if sampled:
             self._count_sample()
+            self._average_buffers(coef)
         return sampled
 
     def _count_sample(self) -> None:
@@ -173,6 +191,39 @@ class WeightSampler:
                 avgs.append(avg)
                 weights.append(self._weight(p, avg))
         average_reference_(avgs, weights, coef)
+
+    @torch.no_grad()
+    def _average_buffers(self, coef: float) -> None:
+        """NOTE [averaged buffers]: floating-point buffers take the params'
+        coefficient (as AveragedModel(use_buffers=True)); the others (BN's
+        num_batches_tracked) are copied, as timm's ModelEmaV3 does."""
+        if not self.buffer_averages:
+            return
+        live = self._live_buffers()
+        floats = [(a, b) for a, b in zip(self.buffer_averages, live) if a.is_floating_point()]
+        if floats:
+            average_reference_([a for a, _ in floats], [b for _, b in floats], coef)
+        for a, b in zip(self.buffer_averages, live):
+            if not a.is_floating_point():
+                a.copy_(b)
+
+    def _live_buffers(self) -> list[torch.Tensor]:
+        buffers = dict(self.model.named_buffers())
+        if [n for n in buffers] != self.buffer_names:
+            raise RuntimeError(f"{type(self).__name__}: the model's buffers changed since the sampler was created")
+        return [buffers[n].detach() for n in self.buffer_names]
+
+    def _check_model(self, model, what: str) -> None:
+        ours = {id(p) for p in self.params}
+        theirs = [p for p in model.parameters()]
+        if not any(id(p) in ours for p in theirs):
+            raise ValueError(f"{type(self).__name__}: {what} is not the model this optimizer trains (none of its "
+                             "parameters is in the optimizer); pass the model whose parameters it steps")
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"{type(self).__name__}: {message}", UserWarning, stacklevel=3)
 
     def _weight(self, p: torch.Tensor, avg: torch.Tensor) -> torch.Tensor:
         """What the average follows: the fp32 master copy when the optimizer keeps one."""
@@ -214,12 +265,25 @@ class WeightSampler:
         whether the params were reassigned."""
         if bn_loader is not None and model is None:
             raise ValueError("end_epoch: bn_loader needs model")
+        if model is not None:
+            self._check_model(model, "end_epoch(model=...)")
+        b = self.steps_per_epoch
+        if b is not None and self.step_in_epoch != b:
+            self._warn_once("steps_per_epoch", (
+                f"end_epoch() after {self.step_in_epoch} optimizer steps, but steps_per_epoch={b}; pass "
+                "steps_per_epoch=len(train_loader) (the steps of an epoch, not the number of samples), or the "
+                "schedule of sampled steps does not match the epoch"))
         if (self._ONCE_PER_EPOCH and self.epoch_samples == 0 and self.step_in_epoch > 0
                 and self._epoch_eligible()):
             self._lerp_now(self._sample_coef(), only_with_grad=False)
             self._count_sample()
         reassign, reset = self._epoch_end_action()
         reassigned = False
+        if reassign and self.samples > 0 and bn_loader is None and self._has_batchnorm(model):
+            known = model is not None or self.model is not None
+            self._warn_once("bn", "the params were reassigned but BatchNorm statistics were not recalibrated; "
+                                  "pass end_epoch(model=model, bn_loader=train_loader, bn_fraction=...)" +
+                            ("" if known else " (a model without BatchNorm: pass model= to say so)"))
         if reassign and self.samples > 0:
             self.assign(model=model, bn_loader=bn_loader, bn_fraction=bn_fraction, forward_fn=forward_fn)
             reassigned = True
@@ -233,6 +297,12 @@ class WeightSampler:
 
     def _start_epoch(self) -> None:
         pass
+
+    def _has_batchnorm(self, model) -> bool:
+        model = model if model is not None else self.model
+        if model is None:
+            return True  # unknown: say so, once
+        return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
     @torch.no_grad()
     def assign(self, model: torch.nn.Module | None = None, bn_loader=None, bn_fraction: float = 1.0,
@@ -256,33 +326,84 @@ class WeightSampler:
 
     @contextlib.contextmanager
     def averaged_parameters(self):
-        """Swap the averages into the params for the duration of the block
-        (evaluation), then restore the live params exactly. Gradients,
-        optimizer state and the averages are not touched."""
+        """Swap the averages into the params (and, with model=, the averaged
+        buffers into the model's buffers) for the duration of the block, then
+        restore the live values exactly. Safe inside: forward passes and
+        anything that reads or copies values (`copy.deepcopy(model)`,
+        `{k: v.clone() for k, v in model.state_dict().items()}`). Not safe: a
+        plain `model.state_dict()` kept past the block (its tensors are the
+        live params, restored when the block ends: use averaged_state_dict()),
+        and `optimizer.step()`, which raises here (its update would be lost)."""
+        tensors = [p.detach() for p in self.params]
+        averages = list(self.averages)
+        if self.buffer_averages:
+            tensors += self._live_buffers()
+            averages += self.buffer_averages
         with torch.no_grad():
-            live = [p.detach().clone() for p in self.params]
-            for p, avg in zip(self.params, self.averages):
-                p.copy_(avg)
+            live = [t.clone() for t in tensors]
+            for t, avg in zip(tensors, averages):
+                t.copy_(avg)
+
+        def refuse_step(optimizer, args, kwargs):
+            raise RuntimeError(f"{type(self).__name__}: optimizer.step() inside averaged_parameters() would be "
+                               "undone when the live params come back; step outside the block")
+
+        handle = self.optimizer.register_step_pre_hook(refuse_step)
         try:
             yield self
         finally:
+            handle.remove()
             with torch.no_grad():
-                torch._foreach_copy_([p.detach() for p in self.params], live)
+                for t, value in zip(tensors, live):
+                    t.copy_(value)
+
+    @torch.no_grad()
+    def averaged_state_dict(self, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """`model.state_dict()` with the averages in, as fresh tensors: each
+        averaged param (in the param's dtype), each averaged (or copied)
+        buffer, and a copy of anything the sampler does not average. Params
+        are matched by identity, so any param groups work. Load it into a
+        fresh model with `load_state_dict` to evaluate or export the average."""
+        model = model if model is not None else self.model
+        if model is None:
+            raise ValueError("averaged_state_dict needs the model (pass it here or as model= to the sampler)")
+        self._check_model(model, "averaged_state_dict(model)")
+        by_id = {id(p): avg for p, avg in zip(self.params, self.averages)}
+        buffers = dict(zip(self.buffer_names, self.buffer_averages)) if model is self.model else {}
+        out = {}
+        for name, t in model.state_dict(keep_vars=True).items():
+            avg = by_id.get(id(t))
+            if avg is None:
+                avg = buffers.get(name)
+            out[name] = (avg if avg is not None else t).detach().to(t.dtype, copy=True)
+        return out
 
     @torch.no_grad()
     def copy_to(self, target) -> None:
-        """Write the averages into `target`: a module (its parameters in the
-        order of the optimizer's param groups, e.g. a deepcopy of the trained
-        model built with `optimizer(model.parameters())`) or a sequence of
-        tensors in that order."""
+        """Write the averages into `target`: a module shaped like the trained
+        one (a deepcopy, say), or a sequence of tensors in the order of the
+        optimizer's params. With model= given to the sampler, a module is
+        written by name (averaged_state_dict: params and buffers, whatever the
+        param groups); without it, the module's parameters are taken in the
+        order of the optimizer's param groups."""
+        if isinstance(target, torch.nn.Module) and self.model is not None:
+            target.load_state_dict(self.averaged_state_dict())
+            return
         tensors = list(target.parameters()) if isinstance(target, torch.nn.Module) else list(target)
+        hint = " (pass model= to the sampler to copy by name)" if isinstance(target, torch.nn.Module) else ""
         if len(tensors) != len(self.params):
-            raise ValueError(f"copy_to: target has {len(tensors)} tensors, the sampler averages {len(self.params)}")
+            raise ValueError(f"copy_to: target has {len(tensors)} tensors, the sampler averages "
+                             f"{len(self.params)}{hint}")
         for t, avg in zip(tensors, self.averages):
             if t.shape != avg.shape:
-                raise ValueError(f"copy_to: shape {tuple(t.shape)} does not match average {tuple(avg.shape)}")
+                raise ValueError(f"copy_to: shape {tuple(t.shape)} does not match average {tuple(avg.shape)}{hint}")
         for t, avg in zip(tensors, self.averages):
             t.copy_(avg)
+        if isinstance(target, torch.nn.Module) and self.buffer_averages:
+            buffers = dict(target.named_buffers())
+            for name, avg in zip(self.buffer_names, self.buffer_averages):
+                if name in buffers:
+                    buffers[name].copy_(avg)
 
     # ---- lifecycle and checkpoints ----------------------------------------------
 
@@ -300,6 +421,8 @@ class WeightSampler:
 
     def state_dict(self) -> dict:
         state = {"method": type(self).__name__, "averages": list(self.averages)}
+        if self.buffer_averages:
+            state["buffers"] = dict(zip(self.buffer_names, self.buffer_averages))
         state.update({k: getattr(self, k) for k in self._COUNTERS})
         state.update(self._extra_state())
         return state
@@ -311,6 +434,8 @@ class WeightSampler:
         self.check_state_dict(state)
         for a, b in zip(self.averages, state["averages"]):
             a.copy_(b)  # in place: fused plans keep pointing at these tensors
+        for a, b in zip(self.buffer_averages, state.get("buffers", {}).values()):
+            a.copy_(b)
         for k in self._COUNTERS:
             setattr(self, k, int(state[k]))
         self._load_extra_state(state)
@@ -330,6 +455,11 @@ class WeightSampler:
             if not torch.is_tensor(b) or a.shape != b.shape:
                 raise ValueError(f"{name}.load_state_dict: average shape {tuple(getattr(b, 'shape', ()))}, "
                                  f"expected {tuple(a.shape)}")
+        buffers = state.get("buffers", {})
+        if buffers and (list(buffers) != self.buffer_names or any(
+                not torch.is_tensor(b) or b.shape != a.shape for a, b in zip(self.buffer_averages, buffers.values()))):
+            raise ValueError(f"{name}.load_state_dict: averaged buffers {list(buffers)} do not match the model's "
+                             f"{self.buffer_names}")
         self._check_extra_state(state)
 
     def _optimizer_state_dict_hook(self, optimizer, state_dict):

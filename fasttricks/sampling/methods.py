@@ -53,10 +53,10 @@ class PSWA(_Periodic):
     """
 
     def __init__(self, optimizer, steps_per_epoch: int, alpha: float = 1.0, seed: int = 0, *, fused=None,
-                 name=None):
+                 name=None, model=None):
         self.alpha = _check_fraction("alpha", alpha)
         self.seed = int(seed)
-        super().__init__(optimizer, steps_per_epoch, fused=fused, name=name)
+        super().__init__(optimizer, steps_per_epoch, fused=fused, name=name, model=model)
         self._start_epoch()
 
     def _config(self):
@@ -81,9 +81,9 @@ class PWALKS(_Periodic):
     is PSWA with alpha = 1.
     """
 
-    def __init__(self, optimizer, steps_per_epoch: int, k: float = 0.05, *, fused=None, name=None):
+    def __init__(self, optimizer, steps_per_epoch: int, k: float = 0.05, *, fused=None, name=None, model=None):
         self.k = _check_fraction("k", k, low_open=False)
-        super().__init__(optimizer, steps_per_epoch, fused=fused, name=name)
+        super().__init__(optimizer, steps_per_epoch, fused=fused, name=name, model=model)
         self._first_sampled = steps_per_epoch - max(1, math.ceil(self.k * steps_per_epoch - 1e-9 * steps_per_epoch))
 
     def _config(self):
@@ -109,9 +109,9 @@ class PSWM(PSWA):
     """
 
     def __init__(self, optimizer, steps_per_epoch: int, m: float = 0.5, alpha: float = 1.0, seed: int = 0, *,
-                 fused=None, name=None):
+                 fused=None, name=None, model=None):
         self.m = _check_fraction("m", m)
-        super().__init__(optimizer, steps_per_epoch, alpha=alpha, seed=seed, fused=fused, name=name)
+        super().__init__(optimizer, steps_per_epoch, alpha=alpha, seed=seed, fused=fused, name=name, model=model)
 
     def _config(self):
         return {**super()._config(), "m": self.m}
@@ -135,12 +135,12 @@ class SWA(_Configured):
     _ONCE_PER_EPOCH = True
 
     def __init__(self, optimizer, steps_per_epoch: int, start_epoch: int = 0, *, every_step: bool = False,
-                 reassign_every_epoch: bool = False, fused=None, name=None):
+                 reassign_every_epoch: bool = False, fused=None, name=None, model=None):
         self.start_epoch = check_int("start_epoch", start_epoch, 0)
         self.every_step = bool(every_step)
         self.reassign_every_epoch = bool(reassign_every_epoch)
         self._ONCE_PER_EPOCH = not self.every_step
-        super().__init__(optimizer, steps_per_epoch, fused=fused, name=name)
+        super().__init__(optimizer, steps_per_epoch, fused=fused, name=name, model=model)
 
     def _config(self):
         return {"steps_per_epoch": self.steps_per_epoch, "start_epoch": self.start_epoch,
@@ -165,8 +165,8 @@ class _Bach(_Configured):
     average of the samples weighted by t. Never reset; the params are
     reassigned at every epoch end."""
 
-    def __init__(self, optimizer, steps_per_epoch: int, *, fused=None, name=None):
-        super().__init__(optimizer, steps_per_epoch, fused=fused, name=name)
+    def __init__(self, optimizer, steps_per_epoch: int, *, fused=None, name=None, model=None):
+        super().__init__(optimizer, steps_per_epoch, fused=fused, name=name, model=model)
 
     def _config(self):
         return {"steps_per_epoch": self.steps_per_epoch}
@@ -205,14 +205,16 @@ class EMA(_Configured):
     `steps_per_epoch` is optional and only used for epoch counting.
     """
 
+    _NEEDS_STEPS_PER_EPOCH = False
+
     def __init__(self, optimizer, decay: float = 0.999, *, every: int = 1, warmup: bool = False,
-                 steps_per_epoch: int | None = None, fused=None, name=None):
+                 steps_per_epoch: int | None = None, fused=None, name=None, model=None):
         decay = float(decay)
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         check_int("every", every, 1)
         self.decay, self.every, self.warmup = decay, every, bool(warmup)
-        super().__init__(optimizer, steps_per_epoch, fused=fused, name=name)
+        super().__init__(optimizer, steps_per_epoch, fused=fused, name=name, model=model)
 
     def _config(self):
         return {"decay": self.decay, "every": self.every, "warmup": self.warmup}
