@@ -258,6 +258,55 @@ def write_report(out: Path, cfg: DemoConfig, runs: list[dict], rows: list[dict],
         _plots(out, runs)
 
 
+STYLES = ["-", "--", "-.", ":"]
+
+
+def _accuracy_plot(path: Path, by_recipe: dict[str, list[list[float]]]) -> None:
+    """Two panels: the whole run, and the second half zoomed to the range
+    where the recipes differ. Each recipe: the mean over seeds, a band of one
+    standard deviation across seeds, its own colour and line style."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (full, zoom) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [1, 1.4]})
+    colours = plt.get_cmap("tab10").colors
+    lows, highs, epochs = [], [], 0
+    for k, (recipe, accs) in enumerate(by_recipe.items()):
+        mean = [statistics.mean(c) for c in zip(*accs)]
+        sd = [statistics.pstdev(c) for c in zip(*accs)]
+        xs = list(range(1, len(mean) + 1))
+        epochs = max(epochs, len(mean))
+        style = dict(color=colours[k % len(colours)], linestyle=STYLES[k % len(STYLES)], linewidth=1.6)
+        for ax in (full, zoom):
+            ax.plot(xs, mean, label=recipe, marker="o" if len(xs) <= 12 else None, markersize=3, **style)
+            ax.fill_between(xs, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)],
+                            color=style["color"], alpha=0.12, linewidth=0)
+        tail = slice(len(mean) // 2, None)
+        lows.append(min(m - s for m, s in zip(mean[tail], sd[tail])))
+        highs.append(max(m + s for m, s in zip(mean[tail], sd[tail])))
+    if lows:
+        low, high = min(lows), max(highs)
+        pad = max(0.05, 0.08 * (high - low))
+        zoom.set_xlim(max(1, epochs // 2 + 1) - 0.3, epochs + 0.3)
+        zoom.set_ylim(low - pad, high + pad)
+    full.set_title("whole run")
+    zoom.set_title("second half, zoomed to where the recipes differ")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (full, zoom):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    full.set_ylabel("test accuracy (%): mean over seeds, band = 1 SD")
+    zoom.legend(fontsize=8, loc="lower right", ncol=2)
+    fig.suptitle("fasttricks demo: test accuracy per recipe")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _line_plot(path: Path, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, height: float) -> None:
     import matplotlib
 
@@ -279,11 +328,7 @@ def _plots(out: Path, runs: list[dict]) -> None:
     by_recipe: dict[str, list[list[float]]] = {}
     for r in runs:
         by_recipe.setdefault(r["recipe"], []).append(r["test_acc"])
-    curves = {}
-    for recipe, accs in by_recipe.items():
-        mean = [statistics.mean(c) for c in zip(*accs)]
-        curves[recipe] = (list(range(1, len(mean) + 1)), mean)
-    _line_plot(out / "accuracy.png", curves, "epoch", "test accuracy (%), mean over seeds", 4.5)
+    _accuracy_plot(out / "accuracy.png", by_recipe)
     lrs = {}
     for recipe in ("plain_sgd", "bag_of_tricks"):
         lr = next((r["lr"] for r in runs if r["recipe"] == recipe), None)
