@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from fasttricks import _backends
+from fasttricks._checks import check_values_in
 from fasttricks.mixup import MixedTarget
 
 __all__ = ["soft_target_cross_entropy", "distillation_loss"]
@@ -31,23 +32,56 @@ def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
-def _cpu_kernel(logits: torch.Tensor):
-    """The C++ kernels (csrc/cpu/soft_ce.cpp) for CPU logits they take, else None."""
-    if logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return None
-    return _backends.cpu_ext()
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def resolve_backend(backend: str, logits: torch.Tensor) -> str:
+    """The kernel for a factored soft-target CE: "cpu" (csrc/cpu/soft_ce.cpp),
+    "triton" (kernels/soft_ce.py) or "reference" (torch ops). "auto" takes the
+    C++ kernel for CPU logits and the Triton one for GPU logits, where they
+    serve the dtype; an explicit backend that cannot run raises."""
+    _backends.check_backend_name(backend)
+    served = logits.dtype in KERNEL_DTYPES
+    if backend == "auto":
+        if not served:
+            return "reference"
+        name = _backends.resolve("auto", logits.device)
+        if name == "cuda":  # no CUDA C++ kernel for the loss: Triton serves the GPU
+            name = "triton" if _backends.available("triton", logits.device) is None else "reference"
+        return name
+    if backend == "reference":
+        return backend
+    if backend == "cuda":
+        raise RuntimeError("soft_target_cross_entropy has no CUDA C++ kernel: use backend='triton' (or 'auto')")
+    _backends.resolve(backend, logits.device)  # raises if unavailable
+    if not served:
+        raise TypeError(f"soft_target_cross_entropy: the {backend} kernel serves float32, bfloat16 and float16 "
+                        f"logits, got {logits.dtype}")
+    return backend
+
+
+def _kernels(backend: str):
+    """(forward, backward) of a kernel backend."""
+    if backend == "cpu":
+        ext = _backends.cpu_ext()
+        return ext.soft_ce_forward, ext.soft_ce_backward
+    from fasttricks.kernels import soft_ce
+
+    return soft_ce.forward, soft_ce.backward
 
 
 class _FactoredSoftTargetCE(torch.autograd.Function):
-    """On the CPU with the extension: one pass per row, no B x C buffer in the
-    forward, the gradient written straight into its output. Elsewhere: the
-    same formula in torch ops (the forward's logsumexp keeps one B x C temporary)."""
+    """With a kernel ("cpu", "triton"): one pass per row, no B x C buffer in
+    the forward, the gradient written straight into its output. "reference":
+    the same formula in torch ops (the forward's logsumexp keeps one B x C
+    temporary)."""
 
     @staticmethod
-    def forward(ctx, logits, y_a, y_b, lam, on, off):
-        ext = _cpu_kernel(logits)
-        if ext is not None:
-            loss, lse = ext.soft_ce_forward(logits, y_a, y_b, lam.float(), on, off)
+    def forward(ctx, logits, y_a, y_b, lam, on, off, backend):
+        if backend != "reference":
+            if logits.stride(1) != 1:
+                logits = logits.contiguous()
+            loss, lse = _kernels(backend)[0](logits, y_a, y_b, lam.float().contiguous(), on, off)
         else:
             z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
             lse = torch.logsumexp(z, dim=1)
@@ -57,16 +91,16 @@ class _FactoredSoftTargetCE(torch.autograd.Function):
             if off != 0:
                 loss = loss - off * z.sum(dim=1)
         ctx.save_for_backward(logits, lse, y_a, y_b, lam)
-        ctx.on, ctx.off = on, off
+        ctx.on, ctx.off, ctx.backend = on, off, backend
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         logits, lse, y_a, y_b, lam = ctx.saved_tensors
-        ext = _cpu_kernel(logits)
-        if ext is not None:
-            return ext.soft_ce_backward(logits, lse, y_a, y_b, lam.float(), grad_loss, ctx.on, ctx.off), \
-                None, None, None, None, None
+        if ctx.backend != "reference":
+            grad = _kernels(ctx.backend)[1](logits, lse, y_a, y_b, lam.float().contiguous(),
+                                            grad_loss.float().contiguous(), ctx.on, ctx.off)
+            return grad, None, None, None, None, None, None
         z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
         g = grad_loss.to(z.dtype)
         grad = torch.exp(z - lse[:, None])            # softmax, in a fresh buffer that becomes the gradient
@@ -76,7 +110,7 @@ class _FactoredSoftTargetCE(torch.autograd.Function):
         grad.scatter_add_(1, y_a[:, None], (-ctx.on * lam)[:, None])
         grad.scatter_add_(1, y_b[:, None], (-ctx.on * (1 - lam))[:, None])
         grad.mul_(g[:, None])
-        return grad.to(logits.dtype), None, None, None, None, None
+        return grad.to(logits.dtype), None, None, None, None, None, None
 
 
 def _check_logits(logits: torch.Tensor) -> None:
@@ -86,11 +120,17 @@ def _check_logits(logits: torch.Tensor) -> None:
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
 
 
-def soft_target_cross_entropy(logits: torch.Tensor, target, reduction: str = "mean") -> torch.Tensor:
+def soft_target_cross_entropy(logits: torch.Tensor, target, reduction: str = "mean", *,
+                              backend: str = "auto") -> torch.Tensor:
     """Cross-entropy against a soft target: a MixedTarget (factored, fused
     forward and backward without a B x C target), a dense [B, C] probability
-    target, or class indices (plain cross-entropy)."""
+    target, or class indices (plain cross-entropy).
+
+    `backend` picks the kernel of the factored case (see resolve_backend):
+    "auto" | "reference" | "cpu" | "triton". Dense targets (distillation's
+    probability rows) and class indices always take torch's own ops."""
     _check_logits(logits)
+    _backends.check_backend_name(backend)
     B, C = logits.shape
     if isinstance(target, MixedTarget):
         if target.num_classes != C:
@@ -98,8 +138,13 @@ def soft_target_cross_entropy(logits: torch.Tensor, target, reduction: str = "me
         if target.y_a.shape[0] != B:
             raise ValueError(f"target has {target.y_a.shape[0]} rows, logits have {B}")
         on, off = target.coefficients
-        loss = _FactoredSoftTargetCE.apply(logits, target.y_a.to(logits.device), target.y_b.to(logits.device),
-                                           target.lam.to(logits.device), on, off)
+        name = resolve_backend(backend, logits)
+        y_a, y_b = (y.to(device=logits.device, dtype=torch.int64) for y in (target.y_a, target.y_b))
+        if name == "triton":  # the C++ kernel checks its own; torch's gather raises for the reference
+            for y in (y_a, y_b):
+                check_values_in(y, 0, C - 1, IndexError, f"soft-target CE: class indices must be in [0, {C})")
+        loss = _FactoredSoftTargetCE.apply(logits, y_a.contiguous(), y_b.contiguous(), target.lam.to(logits.device),
+                                           on, off, name)
         return _reduce(loss.to(logits.dtype), reduction)
     if not torch.is_tensor(target):
         raise TypeError(f"target must be a MixedTarget or a tensor, got {type(target).__name__}")

@@ -16,8 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # Every variant a launch can select: each kernel's aot_variants() builds its
 # compile-time arguments with the same helper its launch uses. Adam: 6 dtype
 # pairs x 2^4 switches; SGD: 6 x (2^5 - the 8 nesterov-without-momentum);
-# mixup: 4 dtypes x (flip, permutation).
-EXPECTED_VARIANTS = 6 * 16 + 6 * 24 + 4 * 2
+# mixup: 4 dtypes x (flip, permutation); soft-target CE: 3 dtypes x 3 class
+# blocks x (forward, backward).
+EXPECTED_VARIANTS = 6 * 16 + 6 * 24 + 4 * 2 + 3 * 3 * 2
 
 
 @pytest.mark.parametrize("arch", [90, 80])
@@ -33,8 +34,8 @@ def test_triton_kernels_compile_ahead_of_time(tmp_path, arch):
         from triton.compiler import ASTSource
 
         def variants():
-            from fasttricks.kernels import adam, mixup, sgd
-            return [v for module in (adam, sgd, mixup) for v in module.aot_variants()]
+            from fasttricks.kernels import adam, mixup, sgd, soft_ce
+            return [v for module in (adam, sgd, mixup, soft_ce) for v in module.aot_variants()]
 
         def compile_range(bounds):
             names = []
