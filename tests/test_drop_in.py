@@ -82,7 +82,7 @@ def test_meta_params_step_as_in_torch(cls, tcls, cfg):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("cls,tcls,cfg", PAIRS, ids=IDS)
+@pytest.mark.parametrize("cls,tcls,cfg", PAIRS[2:], ids=IDS[2:])  # SGD takes sparse grads (test below)
 @pytest.mark.parametrize("master", [False, True])
 def test_a_failed_first_step_writes_no_state(backend, cls, tcls, cfg, master):
     params = [torch.randn(4, 3, dtype=torch.bfloat16).requires_grad_(),
@@ -159,3 +159,47 @@ def test_complex_params_fused_average_equals_the_hook(backend):
         averages.append(ema.averages[0])
     assert averages[0].dtype == torch.complex64
     assert torch.allclose(torch.view_as_real(averages[0]), torch.view_as_real(averages[1]), atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cfg", [dict(lr=0.1), dict(lr=0.1, momentum=0.9, dampening=0.1),
+                                 dict(lr=0.1, momentum=0.9, nesterov=True, maximize=True)])
+def test_sgd_sparse_gradients_as_in_torch(backend, cfg):
+    """NOTE [sparse grads]: an nn.Embedding(sparse=True) beside dense params: the
+    sparse one takes torch's formulas, the dense ones the fused step."""
+    runs = []
+    for make in (lambda ps: fo.SGD(ps, backend=backend, **cfg), lambda ps: torch.optim.SGD(ps, **cfg)):
+        torch.manual_seed(0)
+        emb, lin = torch.nn.Embedding(20, 4, sparse=True), torch.nn.Linear(4, 3)
+        opt = make(list(emb.parameters()) + list(lin.parameters()))
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            opt.zero_grad()
+            idx = torch.randint(20, (6,), generator=g)
+            lin(emb(idx)).square().mean().backward()
+            opt.step()
+        runs.append([emb.weight, lin.weight, lin.bias])
+    assert max_err(runs[0], runs[1]) < 1e-6
+
+
+def test_sgd_sparse_gradients_with_weight_decay_fail_as_in_torch():
+    for cls in (fo.SGD, torch.optim.SGD):
+        emb = torch.nn.Embedding(5, 2, sparse=True)
+        opt = cls(emb.parameters(), lr=0.1, weight_decay=0.1)
+        emb(torch.tensor([1, 2])).sum().backward()
+        before = emb.weight.detach().clone()
+        with pytest.raises(RuntimeError, match="sparse"):
+            opt.step()
+        assert torch.equal(emb.weight, before)
+
+
+def test_a_grad_turning_sparse_moves_its_param_out_of_the_fused_step():
+    w = torch.randn(5, 3, requires_grad=True)
+    opt = fo.SGD([w], lr=0.1, momentum=0.9)
+    ref = w.detach().clone().requires_grad_()
+    topt = torch.optim.SGD([ref], lr=0.1, momentum=0.9)
+    for grad in (torch.ones(5, 3), torch.ones(5, 3).to_sparse()):  # dense first, then sparse
+        w.grad, ref.grad = grad.clone(), grad.clone()
+        opt.step()
+        topt.step()
+    assert max_err([w], [ref]) < 1e-6

@@ -161,10 +161,13 @@ class FusedOptimizerMixin:
         if any(p.device.type == "meta" for p in group["params"]):
             return GroupPlans(group, flags, [], [], [], on_meta=True)
         buckets: dict[tuple, list] = {}
-        stateless, created = [], []
+        stateless, created, sparse = [], [], []
         backends: dict = {}
         try:
             for p in group["params"]:
+                if self._sparse_grads_ok and p.grad is not None and p.grad.is_sparse:
+                    sparse.append(p)  # NOTE [sparse grads]
+                    continue
                 state = self.state.get(p)
                 if not state:
                     created.append(p)  # dropped below unless this build fills it
@@ -179,6 +182,7 @@ class FusedOptimizerMixin:
                 buckets.setdefault((p.device, p.dtype, is_dtensor(p)), []).append(p)
             created = [p for p in created if self.state.get(p)]
             entry = self._build_buckets(group, flags, buckets, stateless, backends)
+            entry.sparse = sparse
         except BaseException:
             self._forget_state([p for p in created if self.state.get(p)])
             raise
@@ -235,11 +239,24 @@ class FusedOptimizerMixin:
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        try:
+            self._fused_step(grad_scale, found_inf)
+        except RuntimeError as exc:
+            # NOTE [sparse grads]: a param that had a dense grad when its plan was
+            # built has a sparse one now; the plans (rebuilt, as after any failed
+            # step) take it out of the fused step.
+            if not (self._sparse_grads_ok and "sparse gradients" in str(exc)):
+                raise
+            self._fused_step(grad_scale, found_inf)
+        return loss
+
+    def _fused_step(self, grad_scale, found_inf) -> None:
+        sampler = self._ft_sampler
         entries = self._ft_cache.lookup(self)
         if any(entry.on_meta for entry in entries):
             # Meta params hold shapes, no values: torch's own step does what torch does with them.
             _compat.torch_step(self, None)
-            return loss
+            return
         shards = [pair for entry in entries for pair in entry.shards]
         real_views = [pair for entry in entries for pair in entry.real_views]
         try:
@@ -247,13 +264,20 @@ class FusedOptimizerMixin:
                 bind_shard_grads(shards)
             if real_views:
                 bind_real_view_grads(real_views, type(self).__name__)
-            if len(entries) > 1 or len(entries[0].buckets) > 1:
+            if len(entries) > 1 or len(entries[0].buckets) > 1 or entries[0].sparse:
                 # A bad grad in a later plan must not leave the earlier ones stepped.
                 for entry in entries:
                     for plan in entry.buckets:
                         plan.check()
+                    if entry.sparse:
+                        self._check_sparse(entry.sparse)
             avg_coef = sampler.begin_step() if sampler is not None else 0.0
             try:
+                # The sparse params first: their torch ops are the only part of a
+                # step that can still fail once the plans have been checked.
+                for group, entry in zip(self.param_groups, entries):
+                    if entry.sparse:
+                        self._step_sparse(group, entry.sparse, grad_scale, found_inf, avg_coef)
                 for group, entry in zip(self.param_groups, entries):
                     hyper = self._hyper(group)
                     for plan in entry.buckets:
@@ -275,7 +299,15 @@ class FusedOptimizerMixin:
             entry.created = ()
         if sampler is not None:
             sampler.end_step(avg_coef, found_inf)
-        return loss
+
+    #: NOTE [sparse grads]: the family steps sparse grads outside the fused plans
+    _sparse_grads_ok = False
+
+    def _check_sparse(self, params) -> None:
+        raise NotImplementedError
+
+    def _step_sparse(self, group, params, grad_scale, found_inf, avg_coef) -> None:
+        raise NotImplementedError
 
     def _step_plan(self, plan, hyper, grad_scale, found_inf, avg_coef):
         return plan.step(hyper, grad_scale, found_inf, avg_coef)

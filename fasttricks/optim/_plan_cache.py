@@ -77,7 +77,7 @@ class GroupPlans:
     """The plans of one param group, and what they were built from."""
 
     __slots__ = ("group", "params", "params_version", "flags", "buckets", "stateless", "shards", "real_views",
-                 "created", "on_meta")
+                 "created", "on_meta", "sparse")
 
     def __init__(self, group, flags, buckets, stateless, shards, on_meta=False, real_views=()):
         self.group = group
@@ -90,13 +90,15 @@ class GroupPlans:
         self.real_views = real_views  # NOTE [complex params]: (complex param, its real view)
         self.created = ()           # params whose state this build created, until a step commits
         self.on_meta = on_meta      # meta params: torch's own step runs them
+        self.sparse = []            # NOTE [sparse grads]: params stepped outside the plans
 
     def valid(self, group, flags) -> bool:
         params = group["params"]
         return (self.group is group and params is self.params and params.version == self.params_version
                 and flags == self.flags and not any(p.grad is not None for p in self.stateless)
                 and all(p._local_tensor is local for p, local in self.shards)
-                and all(v.data_ptr() == p.data_ptr() and v.shape[:-1] == p.shape for p, v in self.real_views))
+                and all(v.data_ptr() == p.data_ptr() and v.shape[:-1] == p.shape for p, v in self.real_views)
+                and all(p.grad is None or p.grad.is_sparse for p in self.sparse))
 
 
 class PlanCache:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from fasttricks.ops._plan import found_inf_set, inv_grad_scale
+from fasttricks.ops.average import average_reference_
 from fasttricks.ops.sgd import SgdHyper, make_sgd_plan
 from fasttricks.optim._fused import FT_GROUP_KEYS, FusedOptimizerMixin
 from fasttricks.optim._plan_cache import state_dtype
@@ -64,6 +66,50 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
                              nesterov=bool(group["nesterov"]), decoupled=bool(group.get("decoupled_weight_decay")))
         plan._ft_pending = pending  # buffers that enter the state on their first committed step
         return plan
+
+    # NOTE [sparse grads] (fasttricks/optim/_fused.py): torch's SGD takes sparse
+    # gradients (nn.Embedding(sparse=True)); params that have one are stepped
+    # here, with torch's single-tensor formulas in torch ops, and the dense
+    # params of the group still take the fused step.
+    _sparse_grads_ok = True
+
+    def _check_sparse(self, params) -> None:
+        for p in params:
+            g = p.grad
+            if g is not None and (g.dtype != p.dtype or g.shape != p.shape or g.device != p.device):
+                raise RuntimeError(f"SGD: sparse gradient {g.dtype} {tuple(g.shape)} on {g.device} does not match "
+                                   f"its parameter {p.dtype} {tuple(p.shape)} on {p.device}")
+
+    @torch.no_grad()
+    def _step_sparse(self, group, params, grad_scale, found_inf, avg_coef) -> None:
+        if found_inf_set(found_inf):  # NOTE [found_inf contract]
+            return
+        lr, wd, momentum = float(group["lr"]), group["weight_decay"], group["momentum"]
+        dampening, nesterov = group["dampening"], group["nesterov"]
+        mul = self.grad_multiplier * (-1.0 if group["maximize"] else 1.0) * inv_grad_scale(grad_scale)
+        stepped, buffers = [], []
+        for p in params:
+            g = p.grad
+            if g is None:
+                continue
+            g = g * mul if mul != 1.0 else g
+            if group.get("decoupled_weight_decay"):
+                p.mul_(1.0 - lr * wd)
+            elif wd != 0:
+                g = g.add(p, alpha=wd)
+            if momentum != 0:
+                buf = self.state.get(p, {}).get("momentum_buffer")
+                if buf is None:
+                    buf = torch.clone(g).detach()
+                else:
+                    buf.mul_(momentum).add_(g, alpha=1.0 - dampening)
+                buffers.append((p, "momentum_buffer", buf))
+                g = g.add(buf, alpha=momentum) if nesterov else buf
+            p.add_(g, alpha=-lr)
+            stepped.append(p)
+        self._ft_cache.write_state(self, buffers)
+        if avg_coef != 0 and self._ft_sampler is not None and stepped:
+            average_reference_(self._ft_sampler.averages_for(stepped, False), [p.detach() for p in stepped], avg_coef)
 
     def _hyper(self, group) -> SgdHyper:
         return SgdHyper(group["lr"], group["weight_decay"], group["momentum"], group["dampening"],
