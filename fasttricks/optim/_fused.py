@@ -257,8 +257,11 @@ class FusedOptimizerMixin:
             # Meta params hold shapes, no values: torch's own step does what torch does with them.
             _compat.torch_step(self, None)
             return
-        shards = [pair for entry in entries for pair in entry.shards]
-        real_views = [pair for entry in entries for pair in entry.real_views]
+        shards, real_views = [], []
+        for entry in entries:
+            if entry.shards or entry.real_views:
+                shards += entry.shards
+                real_views += entry.real_views
         try:
             if shards:
                 bind_shard_grads(shards)

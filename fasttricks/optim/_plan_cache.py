@@ -94,11 +94,15 @@ class GroupPlans:
 
     def valid(self, group, flags) -> bool:
         params = group["params"]
+        # The lists are usually empty: tested first, so that the common case
+        # creates no generator (this runs every step).
         return (self.group is group and params is self.params and params.version == self.params_version
-                and flags == self.flags and not any(p.grad is not None for p in self.stateless)
-                and all(p._local_tensor is local for p, local in self.shards)
-                and all(v.data_ptr() == p.data_ptr() and v.shape[:-1] == p.shape for p, v in self.real_views)
-                and all(p.grad is None or p.grad.is_sparse for p in self.sparse))
+                and flags == self.flags
+                and (not self.stateless or not any(p.grad is not None for p in self.stateless))
+                and (not self.shards or all(p._local_tensor is local for p, local in self.shards))
+                and (not self.real_views or all(v.data_ptr() == p.data_ptr() and v.shape[:-1] == p.shape
+                                                for p, v in self.real_views))
+                and (not self.sparse or all(p.grad is None or p.grad.is_sparse for p in self.sparse)))
 
 
 class PlanCache:
