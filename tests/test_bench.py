@@ -1,6 +1,5 @@
 """The benches print; they write bench/results/ only when asked (--save), and
 the torch profiler they use for allocations prints nothing of its own."""
-import sys
 from pathlib import Path
 
 import pytest
