@@ -36,13 +36,13 @@ void adam_kernel(const std::vector<AdamPtrs<P, S, typename OpMath<S>::type>>& pt
     OVec w[2 * U], g[2 * U], m[2 * U], v[2 * U], x[2 * U];
     for (int u = 0; u < U; ++u) {
       const int64_t j = i + u * kUnit;
-      if constexpr (MASTER) SIO::prefetch(t.master + j);
-      else PIO::prefetch(t.param + j);
-      PIO::prefetch(t.grad + j);
-      SIO::prefetch(t.exp_avg + j);
-      SIO::prefetch(t.exp_avg_sq + j);
-      if constexpr (AMSGRAD) SIO::prefetch(t.max_exp_avg_sq + j);
-      if constexpr (AVERAGE) SIO::prefetch(t.avg + j);
+      if constexpr (MASTER) SIO::prefetch(t.master + j, n);
+      else PIO::prefetch(t.param + j, n);
+      PIO::prefetch(t.grad + j, n);
+      SIO::prefetch(t.exp_avg + j, n);
+      SIO::prefetch(t.exp_avg_sq + j, n);
+      if constexpr (AMSGRAD) SIO::prefetch(t.max_exp_avg_sq + j, n);
+      if constexpr (AVERAGE) SIO::prefetch(t.avg + j, n);
     }
     for (int u = 0; u < U; ++u) {
       const int64_t j = i + u * kUnit;

@@ -70,7 +70,10 @@ struct VecIO {
   // 2-6 KiB ahead all gain, into L2 or L1 alike. Prefetches never fault, so
   // running past a tensor's end is harmless.
   static constexpr int64_t kPrefetchBytes = 4096;
-  static inline void prefetch(const S* p) {
+  // A tail (n < kUnit) ends its tensor: nothing of it lies ahead, and for the
+  // many one-element tensors of a small model the prefetches only cost TLB walks.
+  static inline void prefetch(const S* p, int64_t n) {
+    if (n < kUnit) return;
     const char* c = reinterpret_cast<const char*>(p) + kPrefetchBytes;
     for (int64_t b = 0; b < kUnit * int64_t(sizeof(S)); b += 64) __builtin_prefetch(c + b, 0, 2);
   }

@@ -31,11 +31,11 @@ void sgd_kernel(const std::vector<SgdPtrs<P, S>>& ptrs, const std::vector<int64_
     OVec w[2 * U], g[2 * U], b[2 * U];
     for (int u = 0; u < U; ++u) {
       const int64_t j = i + u * kUnit;
-      if constexpr (MASTER) SIO::prefetch(t.master + j);
-      else PIO::prefetch(t.param + j);
-      PIO::prefetch(t.grad + j);
-      if constexpr (MOMENTUM) SIO::prefetch(t.buf + j);
-      if constexpr (AVERAGE) SIO::prefetch(t.avg + j);
+      if constexpr (MASTER) SIO::prefetch(t.master + j, n);
+      else PIO::prefetch(t.param + j, n);
+      PIO::prefetch(t.grad + j, n);
+      if constexpr (MOMENTUM) SIO::prefetch(t.buf + j, n);
+      if constexpr (AVERAGE) SIO::prefetch(t.avg + j, n);
     }
     for (int u = 0; u < U; ++u) {
       const int64_t j = i + u * kUnit;
