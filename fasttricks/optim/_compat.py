@@ -19,7 +19,7 @@ def profile_hook_step(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         self = args[0]
-        if torch.autograd._profiler_enabled():
+        if not torch.compiler.is_compiling() and torch.autograd._profiler_enabled():
             with torch.autograd.profiler.record_function(f"Optimizer.step#{self.__class__.__name__}.step"):
                 return _run_with_hooks(self, func, args, kwargs)
         return _run_with_hooks(self, func, args, kwargs)

@@ -30,7 +30,7 @@ import torch
 
 from fasttricks import _backends
 from fasttricks.ops._plan import is_dtensor, local_shards
-from fasttricks.optim import _compat
+from fasttricks.optim import _compat, _compiled
 from fasttricks.optim._plan_cache import (GroupPlans, PlanCache, backend_for, bind_real_view_grads,
                                           bind_shard_grads, normalise_state, uses_master)
 from fasttricks.optim._tracked import StateDict
@@ -70,6 +70,7 @@ class FusedOptimizerMixin:
         # scale here; 1.0 means off.
         self.grad_multiplier = 1.0
         self._ft_sampler = None  # NOTE [fused weight averaging]
+        _compiled.register(self)  # NOTE [compiled step]
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -125,6 +126,8 @@ class FusedOptimizerMixin:
         self.__dict__.setdefault("grad_multiplier", 1.0)
         self.__dict__.setdefault("_ft_sampler", None)
         self._step_supports_amp_scaling = True
+        if "_ft_compile_id" not in self.__dict__:  # a copy or an unpickled optimizer
+            _compiled.register(self)
 
     def discard_sampler_state(self) -> list[str]:
         """Forget the sampler states of the last loaded checkpoint that no
@@ -239,6 +242,13 @@ class FusedOptimizerMixin:
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        if torch.compiler.is_compiling():  # NOTE [compiled step]: one custom op
+            _compiled.step(self, grad_scale, found_inf)
+        else:
+            self._eager_step(grad_scale, found_inf)
+        return loss
+
+    def _eager_step(self, grad_scale, found_inf) -> None:
         try:
             self._fused_step(grad_scale, found_inf)
         except RuntimeError as exc:
@@ -248,7 +258,6 @@ class FusedOptimizerMixin:
             if not (self._sparse_grads_ok and "sparse gradients" in str(exc)):
                 raise
             self._fused_step(grad_scale, found_inf)
-        return loss
 
     def _fused_step(self, grad_scale, found_inf) -> None:
         sampler = self._ft_sampler
@@ -313,6 +322,7 @@ class FusedOptimizerMixin:
         raise NotImplementedError
 
     def _step_plan(self, plan, hyper, grad_scale, found_inf, avg_coef):
+        """The number of params stepped (-1: skipped by found_inf)."""
         return plan.step(hyper, grad_scale, found_inf, avg_coef)
 
 

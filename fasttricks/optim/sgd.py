@@ -116,7 +116,7 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
                         bool(group["maximize"]), self.grad_multiplier)
 
     def _step_plan(self, plan, hyper, grad_scale, found_inf, avg_coef):
-        n = plan.step(hyper, grad_scale, found_inf, avg_coef)
+        n = super()._step_plan(plan, hyper, grad_scale, found_inf, avg_coef)
         pending = plan._ft_pending
         if pending and n > 0:
             flags = plan.first_step_flags()
