@@ -106,8 +106,7 @@ class FusedOptimizerMixin:
         # NOTE [sampler checkpoints] (fasttricks/sampling/_base.py): the samplers
         # attached now loaded theirs in a pre-hook; the rest wait for their sampler.
         claimed = self.__dict__.pop("_ft_claimed_samplers", set())
-        self._ft_pending_samplers = {k: v for k, v in state_dict.get(SAMPLER_STATE_KEY, {}).items()
-                                     if k not in claimed}
+        self._ft_pending_samplers = {k: v for k, v in saved.items() if k not in claimed}
         # torch casts loaded state to the param dtype; master-weight state is
         # fp32, so take those tensors again from the checkpoint at full precision.
         saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
