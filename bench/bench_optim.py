@@ -3,9 +3,12 @@ by side on the same shapes. Run: python bench/bench_optim.py [--device cuda] [--
 
 Cases (docs/performance.md): AdamW and SGD momentum/nesterov on ResNet-50 shapes
 (25.6M params, 161 tensors) and on 100M params; bf16 params with fp32 master
-weights against torch's upcast + fused + downcast; the host overhead of a
-step on 161 and on 10,000 one-element tensors (torch fused and foreach beside
-it). Rows go to bench/results/optim_<device>.json.
+weights against torch's upcast + fused + downcast; AdamW in each precision
+(fp32, bf16 + fp32 master, bf16 + stochastic rounding with fp32 or bf16
+moments; speedup against our bf16 + master step, with the bytes moved and
+held per param); the host overhead of a step on 161 and on 10,000
+one-element tensors (torch fused and foreach beside it). Rows go to
+bench/results/optim_<device>.json.
 """
 from __future__ import annotations
 
@@ -50,8 +53,24 @@ def make(shapes, device, dtype=torch.float32):
     return params
 
 
-def bytes_per_elem(case):
+def bytes_per_elem(case, impl=None):
+    """Bytes each step reads and writes per param."""
+    if case == "adamw_precision":
+        return PRECISION_BYTES[impl][0]
     return {"adamw": 28, "sgd_momentum": 20, "sgd_nesterov": 20, "adamw_bf16_master": 28}[case]
+
+
+# The precisions of one AdamW step (docs/precision.md): bytes moved per param
+# and step (param, grad, master, exp_avg, exp_avg_sq; read + write), and bytes
+# held per param (param + state, grads aside).
+PRECISION_BYTES = {
+    "fp32": (28, 12),
+    "bf16_master": (28, 14),                # bf16 param written, fp32 master + moments
+    "bf16_sr": (22, 10),                    # bf16 param, fp32 moments, stochastic rounding
+    "bf16_sr_bf16_state": (14, 6),          # bf16 param and moments, stochastic rounding
+    "torch_fused_fp32": (28, 12),
+    "torch_fused_bf16": (14, 6),            # torch keeps bf16 params' state in bf16, rounded to nearest
+}
 
 
 def opt_cases(device):
@@ -94,6 +113,19 @@ def opt_cases(device):
         return step
 
     cases["adamw_bf16_master"] = {"fasttricks": ours_master, "torch_upcast_fused": torch_upcast}
+
+    def ours_precision(dtype, **kw):
+        return lambda shapes: fo.AdamW(make(shapes, device, dtype), **adam, **kw).step
+
+    cases["adamw_precision"] = {
+        "fp32": ours_precision(torch.float32),
+        "bf16_master": ours_precision(torch.bfloat16, master_weights=True),
+        "bf16_sr": ours_precision(torch.bfloat16, stochastic_rounding=True, state_dtype=torch.float32),
+        "bf16_sr_bf16_state": ours_precision(torch.bfloat16, stochastic_rounding=True, state_dtype=torch.bfloat16),
+        "torch_fused_fp32": lambda shapes: torch.optim.AdamW(make(shapes, device), fused=True, **adam).step,
+        "torch_fused_bf16": lambda shapes: torch.optim.AdamW(make(shapes, device, torch.bfloat16), fused=True,
+                                                             **adam).step,
+    }
     return cases
 
 
@@ -103,6 +135,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="skip the 100M-param set")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--sets", default=None, help=f"comma-separated subset of {','.join(SHAPE_SETS)}")
+    ap.add_argument("--cases", default=None, type=lambda s: s.split(","),
+                    help="comma-separated subset of the cases (adamw, sgd_momentum, sgd_nesterov, "
+                         "adamw_bf16_master, adamw_precision)")
     add_save_flag(ap)
     args = ap.parse_args(argv)
     device = args.device
@@ -116,12 +151,12 @@ def main(argv=None):
         tiny = set_name in TINY
         ceiling = ceiling_gbps(numel, device) if not tiny else None
         for case, impls in opt_cases(device).items():
-            if tiny and case not in ("adamw", "sgd_momentum"):
+            if tiny and case not in ("adamw", "sgd_momentum") or args.cases and case not in args.cases:
                 continue
             fns = {name: factory(shapes) for name, factory in impls.items()}
             times = compare(fns, device=device, iters=TINY[set_name][0] if tiny else args.iters, warmup=3)
             warm = compare(fns, device=device, warmup=1, iters=10, block=TINY[set_name][1]) if tiny else {}
-            peer = "torch_fused" if "torch_fused" in times else "torch_upcast_fused"
+            peer = next(p for p in ("torch_fused", "torch_upcast_fused", "bf16_master") if p in times)
             for impl, t in times.items():
                 row = {"case": case, "shapes": set_name, "tensors": len(shapes), "params_M": numel / 1e6,
                        "impl": impl, "median_ms": t * 1e3, "speedup_vs_" + peer: times[peer] / t}
@@ -131,13 +166,18 @@ def main(argv=None):
                     row["step_us"] = t * 1e6
                     row["step_us_warm"] = warm[impl] * 1e6
                 else:
-                    row["GBps"] = bytes_per_elem(case) * numel / t / 1e9
+                    row["GBps"] = bytes_per_elem(case, impl) * numel / t / 1e9
                     row["ceiling_GBps"] = ceiling
+                if case == "adamw_precision":
+                    row["bytes_moved_per_param"], row["bytes_held_per_param"] = PRECISION_BYTES[impl]
                 rows.append(row)
             del fns
     for r in rows:
-        r["speedup"] = r.get("speedup_vs_torch_fused", r.get("speedup_vs_torch_upcast_fused"))
-    print_table(rows, ["case", "shapes", "impl", "median_ms", "speedup", "GBps", "ceiling_GBps", "step_us_warm"])
+        r["speedup"] = r.get("speedup_vs_torch_fused", r.get("speedup_vs_torch_upcast_fused",
+                                                              r.get("speedup_vs_bf16_master")))
+    # adamw_precision: speedup is against our own bf16 + fp32 master step
+    print_table(rows, ["case", "shapes", "impl", "median_ms", "speedup", "GBps", "ceiling_GBps", "step_us_warm",
+                       "bytes_moved_per_param", "bytes_held_per_param"])
     write_rows("optim", rows, device, args.save)
     return rows
 

@@ -8,7 +8,18 @@ TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64,
 # Names of the same types in triton.compile signatures (ahead-of-time checks).
 SIG_DTYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16",
               torch.uint8: "u8"}
-# (param dtype, state dtype) pairs the optimizer kernels serve; state != param
-# means fp32 master weights.
-STATE_PAIRS = ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
-               (torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float64, torch.float64))
+# The precisions the optimizer kernels serve (docs/precision.md), as (param
+# dtype, state dtype, master weights, stochastic rounding).
+_F32, _F64, _BF16, _F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
+PRECISIONS = ((_F32, _F32, False, False), (_BF16, _BF16, False, False), (_F16, _F16, False, False),
+              (_BF16, _F32, True, False), (_F16, _F32, True, False), (_F64, _F64, False, False),
+              # fp32 state without a master copy, bf16 state for fp32/fp16 params
+              (_BF16, _F32, False, False), (_F16, _F32, False, False), (_F32, _BF16, False, False),
+              (_F16, _BF16, False, False),
+              # stochastic rounding wherever a 16-bit tensor is written
+              (_BF16, _BF16, False, True), (_F16, _F16, False, True), (_BF16, _F32, False, True),
+              (_F16, _F32, False, True), (_F32, _BF16, False, True), (_F16, _BF16, False, True))
+
+
+def precision_name(p, s, master, sr) -> str:
+    return f"{SIG_DTYPES[p]}/{SIG_DTYPES[s]}{'+master' if master else ''}{'+sr' if sr else ''}"

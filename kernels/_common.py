@@ -4,8 +4,31 @@ import triton
 import triton.language as tl
 
 BLOCK = 1024
+# No FMA contraction: each multiply and add rounds once, in the order of the
+# C++ math headers, so that every backend computes the same fp32 bits and
+# stochastic rounding then draws the same way (NOTE [stochastic rounding]).
+# The step is memory-bound, so the few extra instructions should not show
+# (not yet measured on a GPU).
+COMPILE_OPTIONS = {"enable_fp_fusion": False}
 
 _constants: dict = {}
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def precision_constexprs(param_dtype, state_dtype, master=None, stochastic_rounding=False) -> dict:
+    """The dtype switches both optimizer kernels take (docs/precision.md):
+    MASTER (None: the old rule, fp32 state for a 16-bit param), SR only where
+    a 16-bit tensor is written from fp32 math, the average's dtype."""
+    TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16,
+          torch.float16: tl.float16}
+    if master is None:
+        master = state_dtype != param_dtype and param_dtype in LOW_PRECISION and state_dtype == torch.float32
+    sr = bool(stochastic_rounding) and not master and (param_dtype in LOW_PRECISION or state_dtype in LOW_PRECISION)
+    math = tl.float64 if param_dtype == torch.float64 else tl.float32
+    return {"PARAM_DTYPE": TL[param_dtype], "STATE_DTYPE": TL[state_dtype],
+            "AVG_DTYPE": math if (master or sr) and param_dtype in LOW_PRECISION else TL[param_dtype],
+            "MATH_DTYPE": math, "MASTER": bool(master), "SR": sr}
 
 
 def constant(device, value: float = 0.0) -> torch.Tensor:
@@ -50,18 +73,82 @@ def load_weight_and_grad(ptrs_ptr, n_tensors, t, offs, mask, mul, weight_decay, 
 
 
 @triton.jit
-def store_weights(ptrs_ptr, n_tensors, t, offs, mask, w, avg_coef, MASTER_ROW: tl.constexpr,
+def store_weights(ptrs_ptr, n_tensors, t, offs, mask, w, avg_coef, bits, MASTER_ROW: tl.constexpr,
                   AVG_ROW: tl.constexpr, PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
-                  MATH_DTYPE: tl.constexpr, MASTER: tl.constexpr, AVERAGE: tl.constexpr):
-    """What both write back: the fp32 master, the param (the master rounded)
-    and the running average updated in the same pass."""
+                  AVG_DTYPE: tl.constexpr, MATH_DTYPE: tl.constexpr, MASTER: tl.constexpr, AVERAGE: tl.constexpr,
+                  SR: tl.constexpr):
+    """What both write back: the fp32 master, the param (the master rounded,
+    or w rounded stochastically with the low half of `bits`) and the running
+    average updated in the same pass."""
     if MASTER:
         tl.store(table_ptr(ptrs_ptr, n_tensors, t, MASTER_ROW, STATE_DTYPE) + offs, w.to(STATE_DTYPE), mask=mask)
-    tl.store(table_ptr(ptrs_ptr, n_tensors, t, 0, PARAM_DTYPE) + offs, w.to(PARAM_DTYPE), mask=mask)
+    store_rounded(table_ptr(ptrs_ptr, n_tensors, t, 0, PARAM_DTYPE) + offs, mask, w, bits, 0, False, PARAM_DTYPE,
+                  SR and not MASTER)
     if AVERAGE:
-        avg_ptr = table_ptr(ptrs_ptr, n_tensors, t, AVG_ROW, STATE_DTYPE)
+        avg_ptr = table_ptr(ptrs_ptr, n_tensors, t, AVG_ROW, AVG_DTYPE)
         a = tl.load(avg_ptr + offs, mask=mask, other=0.0).to(MATH_DTYPE)
-        tl.store(avg_ptr + offs, lerp_average(a, w, avg_coef).to(STATE_DTYPE), mask=mask)
+        tl.store(avg_ptr + offs, lerp_average(a, w, avg_coef).to(AVG_DTYPE), mask=mask)
+
+
+# NOTE [stochastic rounding] (fasttricks/ops/rounding.py, the reference; the
+# C++/CUDA copy is csrc/include/fasttricks/rounding.h): the same integer ops.
+
+@triton.jit
+def mix32(x):
+    """lowbias32 on uint32."""
+    x = x ^ (x >> 16)
+    x = x * tl.full(x.shape, 0x7FEB352D, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full(x.shape, 0x846CA68B, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def rounding_tensor_key(ptrs_ptr, n_tensors, t, round_key, KEY_ROW: tl.constexpr):
+    """The tensor's key this step; round_key arrives as the step key - 2**31
+    (always an int32, so Triton never compiles a variant for its size)."""
+    step_key = round_key.to(tl.uint32, bitcast=True) ^ 0x80000000
+    index = tl.load(ptrs_ptr + KEY_ROW * n_tensors + t).to(tl.uint32)
+    return mix32(tl.full([1], 0, tl.uint32) + (step_key ^ mix32(tl.full([1], 0, tl.uint32) + index)))
+
+
+@triton.jit
+def draw_bits(tensor_key, offs, D: tl.constexpr):
+    """32 random bits per element offs for draw D."""
+    hi = (offs >> 31).to(tl.uint32) * tl.full(offs.shape, 0x85EBCA6B, tl.uint32)
+    ctr = ((offs & 0x7FFFFFFF).to(tl.uint32) << 1) | D
+    return mix32((tensor_key ^ hi) + ctr)
+
+
+@triton.jit
+def store_rounded(ptr, mask, x, bits, SHIFT: tl.constexpr, FLOOR: tl.constexpr, DTYPE: tl.constexpr,
+                  SR: tl.constexpr):
+    """x stored as DTYPE: to nearest, or (SR and a 16-bit DTYPE) stochastically
+    with the random (bits >> SHIFT) & 0xFFFF; FLOOR: a positive x never becomes 0."""
+    if SR and DTYPE == tl.bfloat16:
+        r = (bits >> SHIFT) & 0xFFFF
+        b = x.to(tl.uint32, bitcast=True)
+        out = (b + r) >> 16
+        out = tl.where(x != x, (b >> 16) | 0x40, out)
+        if FLOOR:
+            out = tl.where((x > 0.0) & (out == 0), 1, out)
+        tl.store(ptr, out.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    elif SR and DTYPE == tl.float16:
+        r = ((bits >> SHIFT) & 0xFFFF).to(tl.float32)
+        b = x.to(tl.uint32, bitcast=True)
+        e = ((b >> 23) & 0xFF).to(tl.int32) - 127
+        ulp_exp = tl.minimum(tl.maximum(e, -14), 15) - 10
+        scale = ((127 - ulp_exp) << 23).to(tl.uint32).to(tl.float32, bitcast=True)
+        unscale = ((127 + ulp_exp) << 23).to(tl.uint32).to(tl.float32, bitcast=True)
+        q = x * scale
+        fl = tl.floor(q)
+        up = tl.where(r < (q - fl) * 65536.0, 1.0, 0.0)
+        out = (fl + up) * unscale
+        if FLOOR:
+            out = tl.where((x > 0.0) & (out == 0.0), 5.9604644775390625e-08, out)
+        tl.store(ptr, out.to(tl.float16), mask=mask)
+    else:
+        tl.store(ptr, x.to(DTYPE), mask=mask)
 
 
 

@@ -13,8 +13,9 @@ import triton
 import triton.language as tl
 
 from fasttricks._table import ADAM_ROW, CHUNK, grad_multiplier, scalar_arg
-from fasttricks.kernels import SIG_DTYPES, TL_DTYPES, STATE_PAIRS
-from fasttricks.kernels._common import (BLOCK, chunk_prologue, div_ieee, constant, load_weight_and_grad, sqrt_ieee,
+from fasttricks.kernels import PRECISIONS, precision_name
+from fasttricks.kernels._common import (BLOCK, COMPILE_OPTIONS, chunk_prologue, div_ieee, constant, draw_bits, load_weight_and_grad,
+                                        precision_constexprs, rounding_tensor_key, sqrt_ieee, store_rounded,
                                         store_weights, table_ptr)
 
 EXP_AVG: tl.constexpr = tl.constexpr(ADAM_ROW["exp_avg"])
@@ -23,6 +24,7 @@ MAX_EXP_AVG_SQ: tl.constexpr = tl.constexpr(ADAM_ROW["max_exp_avg_sq"])
 MASTER_ROW: tl.constexpr = tl.constexpr(ADAM_ROW["master"])
 AVG_ROW: tl.constexpr = tl.constexpr(ADAM_ROW["avg"])
 STEP_ROW: tl.constexpr = tl.constexpr(ADAM_ROW["step"])
+KEY_ROW: tl.constexpr = tl.constexpr(ADAM_ROW["key"])
 
 
 # n_tensors is not specialised: Triton would compile a new variant whenever the
@@ -30,12 +32,15 @@ STEP_ROW: tl.constexpr = tl.constexpr(ADAM_ROW["step"])
 @triton.jit(do_not_specialize=["n_tensors"])
 def adam_kernel(ptrs_ptr, numels_ptr, chunk_tensor_ptr, chunk_start_ptr, n_tensors,
                 lr, lr_ptr, one_minus_beta1, one_minus_beta2, eps, weight_decay, grad_mul, grad_scale_ptr, found_inf_ptr,
-                avg_coef,
-                PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, MATH_DTYPE: tl.constexpr,
-                AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr, MASTER: tl.constexpr,
-                AVERAGE: tl.constexpr, LR_IS_TENSOR: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                avg_coef, round_key,
+                PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, AVG_DTYPE: tl.constexpr,
+                MATH_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr, MASTER: tl.constexpr,
+                SR: tl.constexpr, AVERAGE: tl.constexpr, LR_IS_TENSOR: tl.constexpr, CHUNK: tl.constexpr,
+                BLOCK: tl.constexpr):
     t, start, numel, lr, mul = chunk_prologue(chunk_tensor_ptr, chunk_start_ptr, numels_ptr, lr, lr_ptr, grad_mul,
                                               grad_scale_ptr, found_inf_ptr, MATH_DTYPE, LR_IS_TENSOR)
+    if SR:  # NOTE [stochastic rounding]
+        key = rounding_tensor_key(ptrs_ptr, n_tensors, t, round_key, KEY_ROW)
     m_ptr = table_ptr(ptrs_ptr, n_tensors, t, EXP_AVG, STATE_DTYPE)
     v_ptr = table_ptr(ptrs_ptr, n_tensors, t, EXP_AVG_SQ, STATE_DTYPE)
     step_ptr = table_ptr(ptrs_ptr, n_tensors, t, STEP_ROW, tl.float32)
@@ -67,32 +72,38 @@ def adam_kernel(ptrs_ptr, numels_ptr, chunk_tensor_ptr, chunk_start_ptr, n_tenso
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(MATH_DTYPE)
         m = b1 * m + omb1 * g
         v = b2 * v + omb2 * (g * g)
+        # Draw 0: (param, exp_avg); draw 1: (exp_avg_sq, max_exp_avg_sq).
+        if SR:
+            bits0 = draw_bits(key, offs, 0)
+            bits1 = draw_bits(key, offs, 1)
+        else:
+            bits0 = offs
+            bits1 = offs
         second = v
         if AMSGRAD:
             vmax_ptr = table_ptr(ptrs_ptr, n_tensors, t, MAX_EXP_AVG_SQ, STATE_DTYPE)
             vmax = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(MATH_DTYPE), v)
-            tl.store(vmax_ptr + offs, vmax.to(STATE_DTYPE), mask=mask)
+            store_rounded(vmax_ptr + offs, mask, vmax, bits1, 16, True, STATE_DTYPE, SR)
             second = vmax
         denom = sqrt_ieee(second, MATH_DTYPE) * inv_bc2_sqrt + eps
-        w = w - step_size * div_ieee(m, denom, MATH_DTYPE)
-        tl.store(m_ptr + offs, m.to(STATE_DTYPE), mask=mask)
-        tl.store(v_ptr + offs, v.to(STATE_DTYPE), mask=mask)
-        store_weights(ptrs_ptr, n_tensors, t, offs, mask, w, avg_coef, MASTER_ROW, AVG_ROW, PARAM_DTYPE, STATE_DTYPE,
-                      MATH_DTYPE,
-                      MASTER, AVERAGE)
+        w = w - div_ieee(step_size * m, denom, MATH_DTYPE)  # the order of NOTE [Adam math]
+        store_rounded(m_ptr + offs, mask, m, bits0, 16, False, STATE_DTYPE, SR)
+        store_rounded(v_ptr + offs, mask, v, bits1, 0, True, STATE_DTYPE, SR)
+        store_weights(ptrs_ptr, n_tensors, t, offs, mask, w, avg_coef, bits0, MASTER_ROW, AVG_ROW, PARAM_DTYPE,
+                      STATE_DTYPE, AVG_DTYPE, MATH_DTYPE, MASTER, AVERAGE, SR)
 
 
-def adam_constexprs(param_dtype, state_dtype, *, amsgrad, decoupled, average, lr_is_tensor) -> dict:
+def adam_constexprs(param_dtype, state_dtype, *, amsgrad, decoupled, average, lr_is_tensor, master=None,
+                    stochastic_rounding=False) -> dict:
     """The kernel's compile-time arguments: what launch_adam passes, and what
     aot_variants compiles ahead of time, built by this one function."""
-    return {"PARAM_DTYPE": TL_DTYPES[param_dtype], "STATE_DTYPE": TL_DTYPES[state_dtype],
-            "MATH_DTYPE": tl.float64 if param_dtype == torch.float64 else tl.float32,
-            "AMSGRAD": bool(amsgrad), "DECOUPLED": bool(decoupled), "MASTER": state_dtype != param_dtype,
+    return {**precision_constexprs(param_dtype, state_dtype, master, stochastic_rounding),
+            "AMSGRAD": bool(amsgrad), "DECOUPLED": bool(decoupled),
             "AVERAGE": bool(average), "LR_IS_TENSOR": bool(lr_is_tensor), "CHUNK": CHUNK, "BLOCK": BLOCK}
 
 
 def launch_adam(tables, hyper, *, param_dtype, state_dtype, grad_scale, found_inf, avg_coef, amsgrad, decoupled,
-                average, device):
+                average, device, master=None, stochastic_rounding=False, avg_dtype=None):
     """One launch over a packed table. `hyper` has the fields of
     fasttricks.ops.adam.AdamHyper; 1 - beta is computed here, in double."""
     ptrs, numels, chunk_tensor, chunk_start, n, n_chunks = tables
@@ -103,21 +114,24 @@ def launch_adam(tables, hyper, *, param_dtype, state_dtype, grad_scale, found_in
         lr_value, device_scalar(lr_tensor, 0.0), 1.0 - float(hyper.beta1),
         1.0 - float(hyper.beta2), float(hyper.eps), float(hyper.weight_decay), grad_multiplier(hyper),
         device_scalar(grad_scale, 1.0), device_scalar(found_inf, 0.0), float(avg_coef),
+        int(getattr(hyper, "round_key", 0)) - 2**31,
         **adam_constexprs(param_dtype, state_dtype, amsgrad=amsgrad, decoupled=decoupled, average=average,
-                          lr_is_tensor=lr_tensor is not None))
+                          lr_is_tensor=lr_tensor is not None, master=master,
+                          stochastic_rounding=stochastic_rounding), **COMPILE_OPTIONS)
 
 
 SIGNATURE = {"ptrs_ptr": "*i64", "numels_ptr": "*i64", "chunk_tensor_ptr": "*i64", "chunk_start_ptr": "*i64",
              "n_tensors": "i32", "lr": "fp32", "lr_ptr": "*fp32", "one_minus_beta1": "fp32",
              "one_minus_beta2": "fp32", "eps": "fp32", "weight_decay": "fp32", "grad_mul": "fp32",
-             "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "avg_coef": "fp32"}
+             "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "avg_coef": "fp32", "round_key": "i32"}
 
 
 def aot_variants():
     """(name, kernel, signature, constexprs, compile options) for every variant launch_adam can
     select: each (param, state) dtype pair x every switch; tests compile each
     for sm_90 (and sm_80) without a GPU."""
-    for (p, s), switches in itertools.product(STATE_PAIRS, itertools.product((False, True), repeat=4)):
-        const = adam_constexprs(p, s, **dict(zip(("amsgrad", "decoupled", "average", "lr_is_tensor"), switches)))
-        yield (f"adam[{SIG_DTYPES[p]}/{SIG_DTYPES[s]},{''.join(str(int(b)) for b in switches)}]", adam_kernel,
-               {**SIGNATURE, **{k: "constexpr" for k in const}}, const, {})
+    for (p, s, master, sr), switches in itertools.product(PRECISIONS, itertools.product((False, True), repeat=4)):
+        const = adam_constexprs(p, s, **dict(zip(("amsgrad", "decoupled", "average", "lr_is_tensor"), switches)),
+                                master=master, stochastic_rounding=sr)
+        yield (f"adam[{precision_name(p, s, master, sr)},{''.join(str(int(b)) for b in switches)}]", adam_kernel,
+               {**SIGNATURE, **{k: "constexpr" for k in const}}, const, COMPILE_OPTIONS)

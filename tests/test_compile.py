@@ -14,11 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # Every variant a launch can select: each kernel's aot_variants() builds its
-# compile-time arguments with the same helper its launch uses. Adam: 6 dtype
-# pairs x 2^4 switches; SGD: 6 x (2^5 - the 8 nesterov-without-momentum);
+# compile-time arguments with the same helper its launch uses. Adam: 16
+# precisions (kernels/__init__.py PRECISIONS) x 2^4 switches; SGD: 16 x (2^5 -
+# the 8 nesterov-without-momentum);
 # mixup: 4 dtypes x (flip, permutation); soft-target CE: 3 dtypes x 3 class
 # blocks x (forward, backward).
-EXPECTED_VARIANTS = 6 * 16 + 6 * 24 + 4 * 2 + 3 * 3 * 2
+EXPECTED_VARIANTS = 16 * 16 + 16 * 24 + 4 * 2 + 3 * 3 * 2
 
 
 @pytest.mark.parametrize("arch", [90, 80])

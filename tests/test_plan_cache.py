@@ -232,7 +232,7 @@ def test_device_table_refuses_float64_steps():
     p = torch.zeros(3)
     with pytest.raises(TypeError, match="float32"):
         _backends.cpu_ext().DeviceTable("Adam", [p], [[torch.zeros(3)], [torch.zeros((), dtype=torch.float64)]],
-                                        1, 1, 0, torch.float32, CHUNK)
+                                        1, 1, 0, [torch.float32], CHUNK)
 
 
 # ---- one definition of the table rows and the records ---------------------------------------------

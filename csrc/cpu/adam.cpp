@@ -10,24 +10,35 @@ namespace fasttricks {
 namespace cpu {
 namespace {
 
-template <typename P, typename S, typename O>
+// The running average's element type: fp32 for 16-bit params with a master
+// copy or stochastic rounding, else the param's (docs/precision.md).
+template <typename P, bool MASTER, bool SR>
+using AverageT = std::conditional_t<MASTER || SR, typename OpMath<P>::type, P>;
+
+template <typename P, typename S, typename A, typename O>
 struct AdamPtrs {
   P* param;
   const P* grad;
-  S *master, *exp_avg, *exp_avg_sq, *max_exp_avg_sq, *avg;
+  S *master, *exp_avg, *exp_avg_sq, *max_exp_avg_sq;
+  A* avg;
   const AdamCoefs<O>* coefs;
+  uint32_t key;  // NOTE [stochastic rounding]: the tensor's key this step
 };
 
-template <typename P, typename S, bool AMSGRAD, bool DECOUPLED, bool AVERAGE>
-void adam_kernel(const std::vector<AdamPtrs<P, S, typename OpMath<S>::type>>& ptrs,
+template <typename P, typename S, bool MASTER, bool SR, bool AMSGRAD, bool DECOUPLED, bool AVERAGE>
+void adam_kernel(const std::vector<AdamPtrs<P, S, AverageT<P, MASTER, SR>, typename OpMath<S>::type>>& ptrs,
                  const std::vector<int64_t>& numels, typename OpMath<S>::type avg_coef) {
   using PIO = VecIO<P>;
   using SIO = VecIO<S>;
+  using AIO = VecIO<AverageT<P, MASTER, SR>>;
   using OVec = typename SIO::OVec;
   static_assert(std::is_same_v<typename PIO::OVec, OVec>, "param and state must share a math type");
-  constexpr bool MASTER = !std::is_same_v<P, S>;
   using O = typename OpMath<S>::type;
   constexpr int64_t kUnit = SIO::kUnit;
+  static_assert(PIO::kUnit == kUnit, "param and state units differ");
+  // Stochastic rounding where a 16-bit tensor is written from fp32 math.
+  constexpr bool ROUND_S = SR && !std::is_same_v<S, O>;
+  constexpr bool ROUND_P = SR && !MASTER && !std::is_same_v<P, O>;
 
   // U units per call (for_units): all loads before any store, so more lines
   // are in flight (a store may alias a later load, which the compiler must respect).
@@ -42,7 +53,7 @@ void adam_kernel(const std::vector<AdamPtrs<P, S, typename OpMath<S>::type>>& pt
       SIO::prefetch(t.exp_avg + j, n);
       SIO::prefetch(t.exp_avg_sq + j, n);
       if constexpr (AMSGRAD) SIO::prefetch(t.max_exp_avg_sq + j, n);
-      if constexpr (AVERAGE) SIO::prefetch(t.avg + j, n);
+      if constexpr (AVERAGE) AIO::prefetch(t.avg + j, n);
     }
     for (int u = 0; u < U; ++u) {
       const int64_t j = i + u * kUnit;
@@ -56,12 +67,30 @@ void adam_kernel(const std::vector<AdamPtrs<P, S, typename OpMath<S>::type>>& pt
     for (int k = 0; k < 2 * U; ++k) adam_update<AMSGRAD, DECOUPLED>(w[k], g[k], m[k], v[k], x[k], c);
     for (int u = 0; u < U; ++u) {
       const int64_t j = i + u * kUnit;
-      SIO::store(t.exp_avg + j, n, m[2 * u], m[2 * u + 1]);
-      SIO::store(t.exp_avg_sq + j, n, v[2 * u], v[2 * u + 1]);
-      if constexpr (AMSGRAD) SIO::store(t.max_exp_avg_sq + j, n, x[2 * u], x[2 * u + 1]);
-      if constexpr (MASTER) SIO::store(t.master + j, n, w[2 * u], w[2 * u + 1]);
-      PIO::store(t.param + j, n, w[2 * u], w[2 * u + 1]);
-      if constexpr (AVERAGE) SIO::lerp_average(t.avg + j, n, w[2 * u], w[2 * u + 1], avg_coef);
+      if constexpr (ROUND_S || ROUND_P) {
+        // Draw 0: (param, exp_avg); draw 1: (exp_avg_sq, max_exp_avg_sq).
+        alignas(64) uint32_t d0[kUnit], d1[kUnit];
+        draw_unit<kUnit>(t.key, j, 0, d0);
+        if constexpr (ROUND_S) {
+          draw_unit<kUnit>(t.key, j, 1, d1);
+          SIO::store_rounded(t.exp_avg + j, n, m[2 * u], m[2 * u + 1], d0, 16, false);
+          SIO::store_rounded(t.exp_avg_sq + j, n, v[2 * u], v[2 * u + 1], d1, 0, true);
+          if constexpr (AMSGRAD) SIO::store_rounded(t.max_exp_avg_sq + j, n, x[2 * u], x[2 * u + 1], d1, 16, true);
+        } else {
+          SIO::store(t.exp_avg + j, n, m[2 * u], m[2 * u + 1]);
+          SIO::store(t.exp_avg_sq + j, n, v[2 * u], v[2 * u + 1]);
+          if constexpr (AMSGRAD) SIO::store(t.max_exp_avg_sq + j, n, x[2 * u], x[2 * u + 1]);
+        }
+        if constexpr (ROUND_P) PIO::store_rounded(t.param + j, n, w[2 * u], w[2 * u + 1], d0, 0, false);
+        else PIO::store(t.param + j, n, w[2 * u], w[2 * u + 1]);
+      } else {
+        SIO::store(t.exp_avg + j, n, m[2 * u], m[2 * u + 1]);
+        SIO::store(t.exp_avg_sq + j, n, v[2 * u], v[2 * u + 1]);
+        if constexpr (AMSGRAD) SIO::store(t.max_exp_avg_sq + j, n, x[2 * u], x[2 * u + 1]);
+        if constexpr (MASTER) SIO::store(t.master + j, n, w[2 * u], w[2 * u + 1]);
+        PIO::store(t.param + j, n, w[2 * u], w[2 * u + 1]);
+      }
+      if constexpr (AVERAGE) AIO::lerp_average(t.avg + j, n, w[2 * u], w[2 * u + 1], avg_coef);
     }
   };
 
@@ -86,9 +115,10 @@ enum AdamSlot { kExpAvg = 0, kExpAvgSq = 1, kMaxExpAvgSq = 2, kMaster = 3 };  //
 AdamPlan::AdamPlan(std::vector<at::Tensor> params, std::vector<at::Tensor> steps,
                    std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs,
                    std::vector<at::Tensor> max_exp_avg_sqs, std::vector<at::Tensor> masters,
-                   bool amsgrad, bool decoupled)
+                   bool amsgrad, bool decoupled, std::vector<int64_t> rounding, bool stochastic_rounding)
     : PlanBase("Adam", std::move(params), {std::move(exp_avgs), std::move(exp_avg_sqs),
-                                           std::move(max_exp_avg_sqs), std::move(masters)}),
+                                           std::move(max_exp_avg_sqs), std::move(masters)},
+               std::move(rounding), stochastic_rounding),
       steps_(std::move(steps)), amsgrad_(amsgrad), decoupled_(decoupled) {
   TORCH_CHECK(steps_.size() == table_.size(), "Adam plan: one step tensor per parameter");
   for (const auto& s : steps_) counters_.emplace_back(s);
@@ -128,19 +158,24 @@ int64_t AdamPlan::step(const AdamHyper& h, const std::optional<at::Tensor>& grad
     using O = typename OpMath<S>::type;
     std::vector<AdamCoefs<O>> ocoefs;
     for (const auto& c : coefs) ocoefs.push_back(cast_coefs<O>(c));
-    std::vector<AdamPtrs<P, S, O>> ptrs(gathered.size());
-    for (size_t k = 0; k < gathered.size(); ++k) {
-      const auto& g = gathered[k];
-      ptrs[k] = {static_cast<P*>(g.param), static_cast<const P*>(g.grad),
-                 static_cast<S*>(g.slots[kMaster]), static_cast<S*>(g.slots[kExpAvg]),
-                 static_cast<S*>(g.slots[kExpAvgSq]), static_cast<S*>(g.slots[kMaxExpAvgSq]),
-                 average ? static_cast<S*>(g.slots[average_slot()]) : nullptr, &ocoefs[coef_of[k]]};
-    }
-    dispatch_bool(amsgrad_, [&](auto ams) {
-      dispatch_bool(decoupled_, [&](auto dec) {
-        dispatch_bool(average, [&](auto avg) {
-          adam_kernel<P, S, kOn<decltype(ams)>, kOn<decltype(dec)>, kOn<decltype(avg)>>(
-              ptrs, numels, O(avg_coef));
+    dispatch_precision<P, S>(has_master(), stochastic_rounding_, [&](auto master_tag, auto sr_tag) {
+      constexpr bool MASTER = kOn<decltype(master_tag)>, SR = kOn<decltype(sr_tag)>;
+      using A = AverageT<P, MASTER, SR>;
+      std::vector<AdamPtrs<P, S, A, O>> ptrs(gathered.size());
+      for (size_t k = 0; k < gathered.size(); ++k) {
+        const auto& g = gathered[k];
+        ptrs[k] = {static_cast<P*>(g.param), static_cast<const P*>(g.grad),
+                   static_cast<S*>(g.slots[kMaster]), static_cast<S*>(g.slots[kExpAvg]),
+                   static_cast<S*>(g.slots[kExpAvgSq]), static_cast<S*>(g.slots[kMaxExpAvgSq]),
+                   average ? static_cast<A*>(g.slots[average_slot()]) : nullptr, &ocoefs[coef_of[k]],
+                   tensor_key(h.round_key, g.index)};
+      }
+      dispatch_bool(amsgrad_, [&](auto ams) {
+        dispatch_bool(decoupled_, [&](auto dec) {
+          dispatch_bool(average, [&](auto avg) {
+            adam_kernel<P, S, MASTER, SR, kOn<decltype(ams)>, kOn<decltype(dec)>, kOn<decltype(avg)>>(
+                ptrs, numels, O(avg_coef));
+          });
         });
       });
     });

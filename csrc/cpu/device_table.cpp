@@ -27,9 +27,9 @@ std::vector<std::vector<at::Tensor>> state_rows(std::vector<std::vector<at::Tens
 
 DeviceTable::DeviceTable(std::string op, std::vector<at::Tensor> params,
                          std::vector<std::vector<at::Tensor>> rows, int64_t n_state_rows,
-                         int64_t step_row, int64_t n_flag_rows, at::ScalarType state_dtype,
+                         int64_t step_row, int64_t n_flag_rows, std::vector<at::ScalarType> row_dtypes,
                          int64_t chunk)
-    : table_(op, std::move(params), state_rows(rows, n_state_rows, op), state_dtype), chunk_(chunk) {
+    : table_(op, std::move(params), state_rows(rows, n_state_rows, op), std::move(row_dtypes)), chunk_(chunk) {
   const int64_t n_rows = static_cast<int64_t>(rows.size());
   TORCH_CHECK(chunk_ > 0 && (step_row == -1 ? n_rows == n_state_rows
                                             : step_row == n_state_rows && n_rows == n_state_rows + 1),

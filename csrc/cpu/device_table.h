@@ -24,11 +24,11 @@ class DeviceTable {
 
   // Table rows (NOTE [pointer table]): param, grad, `rows` in order (an empty
   // row packs null pointers), then `n_flag_rows` rows of per-param integers.
-  // rows[0, n_state_rows) are param-shaped state of `state_dtype` (the tensor
+  // rows[0, n_state_rows) are param-shaped state of row_dtypes[k] (the tensor
   // table's slots); rows[step_row] (step_row == n_state_rows, or -1 for none)
   // holds the one-element float32 step counters bumped by gather().
   DeviceTable(std::string op, std::vector<at::Tensor> params, std::vector<std::vector<at::Tensor>> rows,
-              int64_t n_state_rows, int64_t step_row, int64_t n_flag_rows, at::ScalarType state_dtype,
+              int64_t n_state_rows, int64_t step_row, int64_t n_flag_rows, std::vector<at::ScalarType> row_dtypes,
               int64_t chunk);
 
   void set_row(int64_t row, std::vector<at::Tensor> tensors);

@@ -13,14 +13,16 @@ namespace {
 // fields drift from these structs fails loudly instead of shifting values.
 double field(py::handle record, const char* name) { return py::float_(record.attr(name)); }
 
+uint32_t key_field(py::handle record) { return static_cast<uint32_t>(record.attr("round_key").cast<uint64_t>()); }
+
 ftc::AdamHyper adam_hyper(py::handle h) {
   return {field(h, "lr"), field(h, "beta1"), field(h, "beta2"), field(h, "eps"), field(h, "weight_decay"),
-          h.attr("maximize").cast<bool>(), field(h, "grad_mul")};
+          h.attr("maximize").cast<bool>(), field(h, "grad_mul"), key_field(h)};
 }
 
 ftc::SgdHyper sgd_hyper(py::handle h) {
   return {field(h, "lr"), field(h, "weight_decay"), field(h, "momentum"), field(h, "dampening"),
-          h.attr("maximize").cast<bool>(), field(h, "grad_mul")};
+          h.attr("maximize").cast<bool>(), field(h, "grad_mul"), key_field(h)};
 }
 
 }  // namespace
@@ -57,13 +59,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     py::dict rows;
     rows["chunk"] = fasttricks::table::kChunk;
     rows["adam"] = py::make_tuple(A::kParam, A::kGrad, A::kExpAvg, A::kExpAvgSq, A::kMaxExpAvgSq, A::kMaster,
-                                  A::kAvg, A::kStep, A::kRows);
-    rows["sgd"] = py::make_tuple(S::kParam, S::kGrad, S::kMomentumBuffer, S::kMaster, S::kAvg, S::kFirst, S::kRows);
+                                  A::kAvg, A::kStep, A::kKey, A::kRows);
+    rows["sgd"] = py::make_tuple(S::kParam, S::kGrad, S::kMomentumBuffer, S::kMaster, S::kAvg, S::kFirst, S::kKey,
+                                 S::kRows);
     m.attr("TABLE") = rows;
     m.attr("ADAM_HYPER_FIELDS") = py::make_tuple("lr", "beta1", "beta2", "eps", "weight_decay", "maximize",
-                                                 "grad_mul");
+                                                 "grad_mul", "round_key");
     m.attr("SGD_HYPER_FIELDS") = py::make_tuple("lr", "weight_decay", "momentum", "dampening", "maximize",
-                                                "grad_mul");
+                                                "grad_mul", "round_key");
   }
 
   m.def("mixup_blend_rows", &ftc::mixup_blend_rows, py::arg("x"), py::arg("out"), py::arg("lam"),
@@ -81,9 +84,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<ftc::AdamPlan>(m, "AdamPlan", py::dynamic_attr())
       .def(py::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                     std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, bool,
-                    bool>(),
+                    bool, std::vector<int64_t>, bool>(),
            py::arg("params"), py::arg("steps"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
-           py::arg("max_exp_avg_sqs"), py::arg("masters"), py::arg("amsgrad"), py::arg("decoupled"))
+           py::arg("max_exp_avg_sqs"), py::arg("masters"), py::arg("amsgrad"), py::arg("decoupled"),
+           py::arg("rounding") = std::vector<int64_t>{}, py::arg("stochastic_rounding") = false)
       .def("step",
            [](ftc::AdamPlan& plan, py::handle hyper, const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& found_inf, double avg_coef) {
@@ -96,9 +100,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   py::class_<ftc::SgdPlan>(m, "SgdPlan", py::dynamic_attr())
       .def(py::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                    std::vector<bool>, bool, bool>(),
+                    std::vector<bool>, bool, bool, std::vector<int64_t>, bool>(),
            py::arg("params"), py::arg("momentum_buffers"), py::arg("masters"),
-           py::arg("first_step"), py::arg("nesterov"), py::arg("decoupled"))
+           py::arg("first_step"), py::arg("nesterov"), py::arg("decoupled"),
+           py::arg("rounding") = std::vector<int64_t>{}, py::arg("stochastic_rounding") = false)
       .def("step",
            [](ftc::SgdPlan& plan, py::handle hyper, const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& found_inf, double avg_coef) {
@@ -112,9 +117,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   py::class_<ftc::DeviceTable>(m, "DeviceTable")
       .def(py::init<std::string, std::vector<at::Tensor>, std::vector<std::vector<at::Tensor>>, int64_t,
-                    int64_t, int64_t, at::ScalarType, int64_t>(),
+                    int64_t, int64_t, std::vector<at::ScalarType>, int64_t>(),
            py::arg("op"), py::arg("params"), py::arg("rows"), py::arg("n_state_rows"), py::arg("step_row"),
-           py::arg("n_flag_rows"), py::arg("state_dtype"), py::arg("chunk"))
+           py::arg("n_flag_rows"), py::arg("row_dtypes"), py::arg("chunk"))
       .def("gather",
            [](ftc::DeviceTable& t) {
              auto packed = t.gather();

@@ -12,8 +12,10 @@
 #include <c10/util/Half.h>
 
 #include "fasttricks/common.h"
+#include "fasttricks/rounding.h"
 
 #include <algorithm>
+#include <cstring>
 #include <atomic>
 #include <string>
 #include <tuple>
@@ -87,6 +89,30 @@ struct VecIO {
     store(avg, n, a0, a1);
   }
 
+  // NOTE [stochastic rounding]: stores a unit of a 16-bit S rounded
+  // stochastically with the random bits draws[k] >> shift (shift 0: the low
+  // half, 16: the high half); a wider S is stored as store() does.
+  static inline void store_rounded(S* p, int64_t n, const OVec& a, const OVec& b, const uint32_t* draws,
+                                   int shift, bool positive_floor) {
+    if constexpr (std::is_same_v<S, c10::BFloat16> || std::is_same_v<S, c10::Half>) {
+      alignas(64) float x[kUnit];
+      a.store(x);
+      b.store(x + kWidth);
+      alignas(64) S out[kUnit];
+      for (int64_t k = 0; k < kUnit; ++k) {
+        const uint32_t r = (draws[k] >> shift) & 0xFFFFu;
+        if constexpr (std::is_same_v<S, c10::BFloat16>) {
+          out[k] = S(rounding::round_bf16(x[k], r, positive_floor), S::from_bits());
+        } else {
+          out[k] = S(rounding::round_fp16(x[k], r, positive_floor));  // exact (or inf)
+        }
+      }
+      std::memcpy(p, out, sizeof(S) * std::min(n, kUnit));
+    } else {
+      store(p, n, a, b);
+    }
+  }
+
   static inline void store(S* p, int64_t n, const OVec& a, const OVec& b) {
     if constexpr (std::is_same_v<S, O>) {
       if (n >= kUnit) {
@@ -102,6 +128,13 @@ struct VecIO {
     }
   }
 };
+
+// The random bits of draw d for elements [e, e + kUnit) of a tensor (NOTE
+// [stochastic rounding]); a plain loop the compiler vectorizes.
+template <int64_t kUnit>
+inline void draw_unit(uint32_t tensor_key, int64_t e, uint32_t d, uint32_t* out) {
+  for (int64_t k = 0; k < kUnit; ++k) out[k] = rounding::draw_bits(tensor_key, e + k, d);
+}
 
 struct Chunk {
   int64_t tensor, begin, end;
@@ -168,24 +201,48 @@ inline void for_units(const Chunk& ch, const F& f) {
 
 template <typename T> struct Tag { using type = T; };
 
-// The (param dtype, state dtype) pairs the kernels are instantiated for.
-// state dtype != param dtype means fp32 master weights for a bf16/fp16 param.
+// The (param dtype, state dtype) pairs the kernels are instantiated for
+// (docs/precision.md): state in the param's dtype; fp32 state for bf16/fp16
+// params (with or without master weights); bf16 state for fp32/fp16 params.
 template <typename F>
 void dispatch_dtypes(at::ScalarType p, at::ScalarType s, const char* op, const F& f) {
   using ST = at::ScalarType;
+  using BF = c10::BFloat16;
   if (p == ST::Float && s == ST::Float) return f(Tag<float>{}, Tag<float>{});
   if (p == ST::Double && s == ST::Double) return f(Tag<double>{}, Tag<double>{});
-  if (p == ST::BFloat16 && s == ST::BFloat16) return f(Tag<c10::BFloat16>{}, Tag<c10::BFloat16>{});
+  if (p == ST::BFloat16 && s == ST::BFloat16) return f(Tag<BF>{}, Tag<BF>{});
   if (p == ST::Half && s == ST::Half) return f(Tag<c10::Half>{}, Tag<c10::Half>{});
-  if (p == ST::BFloat16 && s == ST::Float) return f(Tag<c10::BFloat16>{}, Tag<float>{});
+  if (p == ST::BFloat16 && s == ST::Float) return f(Tag<BF>{}, Tag<float>{});
   if (p == ST::Half && s == ST::Float) return f(Tag<c10::Half>{}, Tag<float>{});
+  if (p == ST::Float && s == ST::BFloat16) return f(Tag<float>{}, Tag<BF>{});
+  if (p == ST::Half && s == ST::BFloat16) return f(Tag<c10::Half>{}, Tag<BF>{});
   TORCH_CHECK_TYPE(false, op, ": unsupported parameter dtype ", p, " with state dtype ", s,
-                   " (supported: float32, float64, bfloat16, float16; fp32 master weights for the 16-bit types)");
+                   " (supported: float32, float64, bfloat16, float16 with state of their own dtype, fp32 state "
+                   "for the 16-bit types, bf16 state for float32 and float16)");
 }
 
 // The compile-time value of a dispatch_bool flag (decay: lambdas may see it by reference).
 template <typename B>
 constexpr bool kOn = std::decay_t<B>::value;
+
+// f(master, stochastic rounding) as compile-time flags, instantiated only
+// where they mean something: a master copy for 16-bit params with fp32
+// state, rounding where a 16-bit tensor is written (docs/precision.md).
+template <typename P, typename S, typename F>
+void dispatch_precision(bool master, bool sr, const F& f) {
+  using O = typename OpMath<S>::type;
+  constexpr bool kCanMaster = !std::is_same_v<P, O> && std::is_same_v<S, O>;
+  constexpr bool kCanRound = !std::is_same_v<P, O> || !std::is_same_v<S, O>;
+  TORCH_CHECK(!(master && sr), "master weights and stochastic rounding exclude each other");
+  TORCH_CHECK(!master || kCanMaster, "master weights need 16-bit params with fp32 state");
+  if constexpr (kCanMaster) {
+    if (master) return f(std::true_type{}, std::false_type{});
+  }
+  if constexpr (kCanRound) {
+    if (sr) return f(std::false_type{}, std::true_type{});
+  }
+  f(std::false_type{}, std::false_type{});
+}
 
 template <typename F>
 void dispatch_bool(bool b, const F& f) {

@@ -8,25 +8,34 @@ namespace fasttricks {
 namespace cpu {
 namespace {
 
-template <typename P, typename S>
+template <typename P, typename S, typename A>
 struct SgdPtrs {
   P* param;
   const P* grad;
-  S *master, *buf, *avg;
+  S *master, *buf;
+  A* avg;
   bool first_step;
+  uint32_t key;  // NOTE [stochastic rounding]: the tensor's key this step
 };
 
-template <typename P, typename S, bool MOMENTUM, bool NESTEROV, bool DECOUPLED, bool AVERAGE>
-void sgd_kernel(const std::vector<SgdPtrs<P, S>>& ptrs, const std::vector<int64_t>& numels,
+// The running average's element type (as in adam.cpp).
+template <typename P, bool MASTER, bool SR>
+using AverageT = std::conditional_t<MASTER || SR, typename OpMath<P>::type, P>;
+
+template <typename P, typename S, bool MASTER, bool SR, bool MOMENTUM, bool NESTEROV, bool DECOUPLED, bool AVERAGE>
+void sgd_kernel(const std::vector<SgdPtrs<P, S, AverageT<P, MASTER, SR>>>& ptrs, const std::vector<int64_t>& numels,
                 const SgdCoefs<typename OpMath<S>::type>& c, typename OpMath<S>::type avg_coef) {
   using PIO = VecIO<P>;
   using SIO = VecIO<S>;
+  using AIO = VecIO<AverageT<P, MASTER, SR>>;
   using OVec = typename SIO::OVec;
-  constexpr bool MASTER = !std::is_same_v<P, S>;
+  using O = typename OpMath<S>::type;
   constexpr int64_t kUnit = SIO::kUnit;
+  constexpr bool ROUND_S = SR && MOMENTUM && !std::is_same_v<S, O>;
+  constexpr bool ROUND_P = SR && !MASTER && !std::is_same_v<P, O>;
 
   // U units per call (for_units), all loads before any store (see adam.cpp).
-  auto units = [&](const SgdPtrs<P, S>& t, int64_t i, int64_t n, auto u_tag) {
+  auto units = [&](const SgdPtrs<P, S, AverageT<P, MASTER, SR>>& t, int64_t i, int64_t n, auto u_tag) {
     constexpr int U = decltype(u_tag)::value;
     OVec w[2 * U], g[2 * U], b[2 * U];
     for (int u = 0; u < U; ++u) {
@@ -35,7 +44,7 @@ void sgd_kernel(const std::vector<SgdPtrs<P, S>>& ptrs, const std::vector<int64_
       else PIO::prefetch(t.param + j, n);
       PIO::prefetch(t.grad + j, n);
       if constexpr (MOMENTUM) SIO::prefetch(t.buf + j, n);
-      if constexpr (AVERAGE) SIO::prefetch(t.avg + j, n);
+      if constexpr (AVERAGE) AIO::prefetch(t.avg + j, n);
     }
     for (int u = 0; u < U; ++u) {
       const int64_t j = i + u * kUnit;
@@ -49,10 +58,17 @@ void sgd_kernel(const std::vector<SgdPtrs<P, S>>& ptrs, const std::vector<int64_
     for (int k = 0; k < 2 * U; ++k) sgd_update<MOMENTUM, NESTEROV, DECOUPLED>(w[k], g[k], b[k], t.first_step, c);
     for (int u = 0; u < U; ++u) {
       const int64_t j = i + u * kUnit;
-      if constexpr (MOMENTUM) SIO::store(t.buf + j, n, b[2 * u], b[2 * u + 1]);
-      if constexpr (MASTER) SIO::store(t.master + j, n, w[2 * u], w[2 * u + 1]);
-      PIO::store(t.param + j, n, w[2 * u], w[2 * u + 1]);
-      if constexpr (AVERAGE) SIO::lerp_average(t.avg + j, n, w[2 * u], w[2 * u + 1], avg_coef);
+      if constexpr (ROUND_S || ROUND_P) {
+        alignas(64) uint32_t d0[kUnit];  // draw 0: (param, momentum buffer)
+        draw_unit<kUnit>(t.key, j, 0, d0);
+        if constexpr (MOMENTUM) SIO::store_rounded(t.buf + j, n, b[2 * u], b[2 * u + 1], d0, 16, false);
+        PIO::store_rounded(t.param + j, n, w[2 * u], w[2 * u + 1], d0, 0, false);
+      } else {
+        if constexpr (MOMENTUM) SIO::store(t.buf + j, n, b[2 * u], b[2 * u + 1]);
+        if constexpr (MASTER) SIO::store(t.master + j, n, w[2 * u], w[2 * u + 1]);
+        PIO::store(t.param + j, n, w[2 * u], w[2 * u + 1]);
+      }
+      if constexpr (AVERAGE) AIO::lerp_average(t.avg + j, n, w[2 * u], w[2 * u + 1], avg_coef);
     }
   };
 
@@ -68,8 +84,9 @@ enum SgdSlot { kBuf = 0, kMaster = 1 };  // then the averages
 
 SgdPlan::SgdPlan(std::vector<at::Tensor> params, std::vector<at::Tensor> momentum_buffers,
                  std::vector<at::Tensor> masters, std::vector<bool> first_step, bool nesterov,
-                 bool decoupled)
-    : PlanBase("SGD", std::move(params), {std::move(momentum_buffers), std::move(masters)}),
+                 bool decoupled, std::vector<int64_t> rounding, bool stochastic_rounding)
+    : PlanBase("SGD", std::move(params), {std::move(momentum_buffers), std::move(masters)}, std::move(rounding),
+               stochastic_rounding),
       first_step_(first_step.begin(), first_step.end()), momentum_(has_slot(kBuf)),
       nesterov_(nesterov), decoupled_(decoupled) {
   TORCH_CHECK(!momentum_ || first_step_.size() == table_.size(),
@@ -94,23 +111,28 @@ int64_t SgdPlan::step(const SgdHyper& h, const std::optional<at::Tensor>& grad_s
     using P = typename decltype(ptag)::type;
     using S = typename decltype(stag)::type;
     using O = typename OpMath<S>::type;
-    std::vector<SgdPtrs<P, S>> ptrs(gathered.size());
-    for (size_t k = 0; k < gathered.size(); ++k) {
-      const auto& g = gathered[k];
-      ptrs[k] = {static_cast<P*>(g.param), static_cast<const P*>(g.grad),
-                 static_cast<S*>(g.slots[kMaster]), static_cast<S*>(g.slots[kBuf]),
-                 average ? static_cast<S*>(g.slots[average_slot()]) : nullptr, momentum_ && first_step_[g.index] != 0};
-    }
     const SgdCoefs<O> oc{O(coefs.lr), O(coefs.weight_decay), O(coefs.decay_factor),
                          O(coefs.momentum), O(coefs.one_minus_dampening), O(coefs.grad_mul)};
-    dispatch_bool(momentum_, [&](auto mom) {
-      dispatch_bool(nesterov_ && momentum_, [&](auto nes) {
-        dispatch_bool(decoupled_, [&](auto dec) {
-          dispatch_bool(average, [&](auto avg) {
-            if constexpr (kOn<decltype(mom)> || !kOn<decltype(nes)>) {
-              sgd_kernel<P, S, kOn<decltype(mom)>, kOn<decltype(nes)>, kOn<decltype(dec)>,
-                         kOn<decltype(avg)>>(ptrs, numels, oc, O(avg_coef));
-            }
+    dispatch_precision<P, S>(has_master(), stochastic_rounding_, [&](auto master_tag, auto sr_tag) {
+      constexpr bool MASTER = kOn<decltype(master_tag)>, SR = kOn<decltype(sr_tag)>;
+      using A = AverageT<P, MASTER, SR>;
+      std::vector<SgdPtrs<P, S, A>> ptrs(gathered.size());
+      for (size_t k = 0; k < gathered.size(); ++k) {
+        const auto& g = gathered[k];
+        ptrs[k] = {static_cast<P*>(g.param), static_cast<const P*>(g.grad),
+                   static_cast<S*>(g.slots[kMaster]), static_cast<S*>(g.slots[kBuf]),
+                   average ? static_cast<A*>(g.slots[average_slot()]) : nullptr,
+                   momentum_ && first_step_[g.index] != 0, tensor_key(h.round_key, g.index)};
+      }
+      dispatch_bool(momentum_, [&](auto mom) {
+        dispatch_bool(nesterov_ && momentum_, [&](auto nes) {
+          dispatch_bool(decoupled_, [&](auto dec) {
+            dispatch_bool(average, [&](auto avg) {
+              if constexpr (kOn<decltype(mom)> || !kOn<decltype(nes)>) {
+                sgd_kernel<P, S, MASTER, SR, kOn<decltype(mom)>, kOn<decltype(nes)>, kOn<decltype(dec)>,
+                           kOn<decltype(avg)>>(ptrs, numels, oc, O(avg_coef));
+              }
+            });
           });
         });
       });

@@ -6,7 +6,7 @@
 //
 // A table holds one bucket of params (one device, one dtype) and their "slots":
 // per-param state lists (moments, momentum buffer, master copy, running
-// average), each empty or one tensor per param, of the state dtype and shaped
+// average), each empty or one tensor per param, of the slot's dtype and shaped
 // like the param. It belongs to a plan, which the Python optimizer rebuilds
 // whenever a slot tensor is replaced (NOTE [plan cache] in
 // fasttricks/optim/_plan_cache.py), so the slots' dtype, shape, device and
@@ -26,10 +26,12 @@ namespace cpu {
 class TensorTable {
  public:
   TensorTable(std::string op, std::vector<at::Tensor> params, std::vector<std::vector<at::Tensor>> slots,
-              at::ScalarType state_dtype)
-      : op_(std::move(op)), params_(std::move(params)), slots_(std::move(slots)), state_dtype_(state_dtype) {
+              std::vector<at::ScalarType> slot_dtypes)
+      : op_(std::move(op)), params_(std::move(params)), slots_(std::move(slots)),
+        slot_dtypes_(std::move(slot_dtypes)) {
     TORCH_CHECK(!params_.empty(), op_, " plan: no parameters");
     TORCH_CHECK(slots_.size() <= static_cast<size_t>(kMaxSlots), op_, " plan: too many state lists");
+    TORCH_CHECK(slot_dtypes_.size() == slots_.size(), op_, " plan: one dtype per state list");
     param_dtype_ = params_[0].scalar_type();
     device_ = params_[0].device();
     for (const auto& p : params_) {
@@ -54,7 +56,7 @@ class TensorTable {
   const std::string& op() const { return op_; }
   at::Device device() const { return device_; }
   at::ScalarType param_dtype() const { return param_dtype_; }
-  at::ScalarType state_dtype() const { return state_dtype_; }
+  at::ScalarType slot_dtype(size_t k) const { return slot_dtypes_.at(k); }
 
   // The params that have a grad this step, validated, with the memory the
   // kernels read and write. Nothing is written here; temporaries for
@@ -102,9 +104,10 @@ class TensorTable {
   void gather_checked(size_t i, const at::Tensor& p, const at::Tensor& g, Gathered& row,
                       Scratch& scratch) const {
     bool dense = p.is_non_overlapping_and_dense() && same_ints(g.strides(), p.strides());
-    for (const auto& s : slots_) {
+    for (size_t k = 0; k < slots_.size(); ++k) {
+      const auto& s = slots_[k];
       if (s.empty()) continue;
-      check_state_like_param(op_.c_str(), "optimizer state", s[i], p, state_dtype_);
+      check_state_like_param(op_.c_str(), "optimizer state", s[i], p, slot_dtypes_[k]);
       TORCH_CHECK(s[i].device() == device_, op_, ": optimizer state on ", s[i].device(), ", parameter on ",
                   device_);
       dense = dense && same_ints(s[i].strides(), p.strides());
@@ -133,7 +136,7 @@ class TensorTable {
       for (size_t k = 0; k < slots_.size(); ++k) {
         if (slots_[k].empty()) continue;
         const at::Tensor& t = slots_[k][i];
-        c.fast = c.fast && t.scalar_type() == state_dtype_ && t.device() == device_ &&
+        c.fast = c.fast && t.scalar_type() == slot_dtypes_[k] && t.device() == device_ &&
                  same_ints(t.sizes(), p.sizes()) && same_ints(t.strides(), p.strides());
         c.slots[k] = t.mutable_data_ptr();
       }
@@ -149,7 +152,8 @@ class TensorTable {
   std::string op_;
   std::vector<at::Tensor> params_;
   std::vector<std::vector<at::Tensor>> slots_;
-  at::ScalarType param_dtype_, state_dtype_;
+  std::vector<at::ScalarType> slot_dtypes_;
+  at::ScalarType param_dtype_;
   at::Device device_{at::kCPU};
   std::vector<Cached> cache_;
   std::vector<int64_t> layout_;

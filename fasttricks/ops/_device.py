@@ -33,7 +33,7 @@ import torch
 
 from fasttricks import _backends
 from fasttricks._table import CHUNK
-from fasttricks.ops._plan import PlanBase
+from fasttricks.ops._plan import PlanBase, is_dense
 
 NATIVE = True  # use fasttricks._C.DeviceTable when it loaded (tests switch it off)
 
@@ -51,14 +51,17 @@ class DevicePlan(PlanBase):
     STEP_ROW: str | None = None
     FLAG_ROWS: tuple[str, ...] = ()
 
-    def __init__(self, params, slots, launch, switches: dict):
-        super().__init__(params, slots)
+    def __init__(self, params, slots, launch, switches: dict, rounding=None):
+        super().__init__(params, slots, rounding)
         self.launch = launch
-        self.switches = switches  # compile-time switches of the family's kernel
+        # compile-time switches of the family's kernel
+        self.switches = {**switches, "master": self.master, "stochastic_rounding": self.rounding is not None}
         self._key = None
         self._tables = None
         self._native = None
         self._flags = {name: [0] * len(self.params) for name in self.FLAG_ROWS}
+        if "key" in self._flags and self.rounding is not None:
+            self._flags["key"] = list(self.rounding)
         self._last_index: list[int] = []
         self._last_steps: list[torch.Tensor] = []
 
@@ -83,12 +86,16 @@ class DevicePlan(PlanBase):
             names = self._tensor_rows()
             n_state = len(names) - (1 if self.STEP_ROW else 0)
             rows = [list(self._row(n) or []) for n in names]
+            dtypes = [self.row_dtype(n) for n in names[:n_state]]
             self._native = _backends.cpu_ext().DeviceTable(
                 self.op, self.params, rows, n_state, n_state if self.STEP_ROW else -1, len(self.FLAG_ROWS),
-                self.state_dtype, CHUNK)
+                dtypes, CHUNK)
             for k, name in enumerate(self.FLAG_ROWS):
                 self._native.set_flags(k, self._flags[name])
         return self._native
+
+    def row_dtype(self, name: str) -> torch.dtype:
+        return {"master": torch.float32, "avg": self.avg_dtype}.get(name, self.state_dtype)
 
     def set_averages(self, averages) -> None:
         super().set_averages(averages)
@@ -108,6 +115,7 @@ class DevicePlan(PlanBase):
         guard = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         with guard:
             self.launch(tables, hyper, param_dtype=self.param_dtype, state_dtype=self.state_dtype,
+                        avg_dtype=self.avg_dtype,
                         grad_scale=grad_scale, found_inf=found_inf, avg_coef=avg_coef,
                         average=self.averages is not None and avg_coef != 0, device=self.device, **self.switches)
         del keep  # the temporaries the kernel reads lived through its launch
@@ -190,7 +198,7 @@ class DevicePlan(PlanBase):
             named = {"param": p, "avg": self.averages[i] if self.averages is not None else None}
             for name, tensors in self.slots.items():
                 named[name] = tensors[i] if tensors is not None else None
-            dense = p.is_contiguous() or _is_dense(p)
+            dense = p.is_contiguous() or is_dense(p)
             dense = dense and _same_layout(g, p) and all(
                 t is None or _same_layout(t, p) for t in named.values())
             if not dense:
@@ -242,17 +250,3 @@ class DevicePlan(PlanBase):
                             buf[R * n + n + C:], n, C)
             self._key = key
         return self._tables
-
-
-def _is_dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense (any permutation of a contiguous layout)."""
-    if t.numel() <= 1:
-        return True
-    dims = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1)
-    expected = 1
-    for s, n in dims:
-        if s != expected:
-            return False
-        expected *= n
-    return True
-

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def check_grad(op: str, p: torch.Tensor, g: torch.Tensor) -> None:
@@ -48,6 +49,17 @@ def local_shards(tensors):
     return None if tensors is None else [t._local_tensor if is_dtensor(t) else t for t in tensors]
 
 
+def check_cuda_precision(op: str, param_dtype, slots: dict, rounding) -> None:
+    """The CUDA kernels serve the classic precisions: state in the param's
+    dtype, or fp32 master weights. Stochastic rounding and the other state
+    dtypes run on the Triton backend (backend="auto" picks it for them)."""
+    state = next((ts[0].dtype for name, ts in slots.items() if name != "master" and ts), None)
+    master = bool(slots.get("master"))
+    if rounding is not None or (state is not None and state != (torch.float32 if master else param_dtype)):
+        raise NotImplementedError(f"{op}: the cuda backend has no stochastic rounding or {state} state for "
+                                  f"{param_dtype} params; use backend='triton' (or 'auto')")
+
+
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -63,11 +75,13 @@ def inv_grad_scale(grad_scale: torch.Tensor | None) -> float:
 
 class PlanBase:
     """`slots` maps a state name to one tensor per parameter (or None when the
-    slot is unused); the slot "master" holds fp32 master weights."""
+    slot is unused); the slot "master" holds fp32 master weights, the others
+    share one state dtype. `rounding`: the params' indices, the keys of their
+    stochastic rounding (NOTE [stochastic rounding]), or None when it is off."""
 
     op = "optimizer"
 
-    def __init__(self, params, slots: dict[str, list | None]):
+    def __init__(self, params, slots: dict[str, list | None], rounding=None):
         if not params:
             raise ValueError(f"{self.op} plan: no parameters")
         self.params = list(params)
@@ -80,7 +94,18 @@ class PlanBase:
         if self.param_dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{self.op}: unsupported parameter dtype {self.param_dtype} (supported: {SUPPORTED_DTYPES})")
         self.master = slots.get("master") is not None
-        self.state_dtype = torch.float32 if self.master else self.param_dtype
+        state = next((ts for name, ts in slots.items() if name != "master" and ts), None)
+        self.state_dtype = state[0].dtype if state else (torch.float32 if self.master else self.param_dtype)
+        if self.state_dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{self.op}: unsupported state dtype {self.state_dtype}")
+        if self.master and (self.state_dtype != torch.float32 or self.param_dtype not in LOW_PRECISION):
+            raise TypeError(f"{self.op}: master weights are for bf16/fp16 params with fp32 state")
+        self.rounding = None if rounding is None else [int(k) for k in rounding]
+        if self.rounding is not None and len(self.rounding) != len(self.params):
+            raise ValueError(f"{self.op}: one rounding key per parameter")
+        # fp32 averages (and master) for bf16/fp16 params with master weights or stochastic rounding
+        self.avg_dtype = (opmath_dtype(self.param_dtype) if self.master or self.rounding is not None
+                          else self.param_dtype)
         self.averages: list | None = None
 
     def __len__(self) -> int:
@@ -96,9 +121,10 @@ class PlanBase:
         tensors = self.slots.get(name)
         return None if tensors is None else tensors[i]
 
-    def _check_state(self, what: str, t: torch.Tensor, p: torch.Tensor) -> None:
-        if t.dtype != self.state_dtype:
-            raise TypeError(f"{self.op}: {what} has dtype {t.dtype}, expected {self.state_dtype}")
+    def _check_state(self, what: str, t: torch.Tensor, p: torch.Tensor, dtype=None) -> None:
+        dtype = dtype or self.state_dtype
+        if t.dtype != dtype:
+            raise TypeError(f"{self.op}: {what} has dtype {t.dtype}, expected {dtype}")
         if t.shape != p.shape:
             raise RuntimeError(f"{self.op}: {what} shape {tuple(t.shape)} differs from parameter shape "
                                f"{tuple(p.shape)}")
@@ -119,9 +145,24 @@ class PlanBase:
                                 "after the optimizer state was created")
             for name, tensors in self.slots.items():
                 if tensors is not None:
-                    self._check_state(f"optimizer state {name!r}", tensors[i], p)
+                    self._check_state(f"optimizer state {name!r}", tensors[i], p,
+                                      torch.float32 if name == "master" else None)
             if self.averages is not None:
-                self._check_state("average", self.averages[i], p)
+                self._check_state("average", self.averages[i], p, self.avg_dtype)
             index.append(i)
             grads.append(g)
         return index, grads
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense (any permutation of a contiguous layout)."""
+    if t.numel() <= 1:
+        return True
+    dims = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1)
+    expected = 1
+    for s, n in dims:
+        if s != expected:
+            return False
+        expected *= n
+    return True
+

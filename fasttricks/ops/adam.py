@@ -13,7 +13,10 @@ math (fp64 for fp64 params), for step t (counted from 1):
     w_hat = w_hat + c * (w - w_hat)        (when a running average is attached, c != 0)
 
 w is the fp32 master copy when there is one (bf16/fp16 params with
-master_weights), and the param is written as w rounded to its dtype.
+master_weights), and the param is written as w rounded to its dtype: to
+nearest, or stochastically (NOTE [stochastic rounding] in ops/rounding.py)
+when the plan has rounding keys, as are bf16/fp16 moments then (exp_avg_sq
+and max_exp_avg_sq never round a positive value to 0).
 """
 from __future__ import annotations
 
@@ -25,7 +28,9 @@ import torch
 from fasttricks import _backends
 from fasttricks._table import ADAM_ROWS, grad_multiplier, scalar_arg
 from fasttricks.ops._device import DevicePlan
-from fasttricks.ops._plan import PlanBase, found_inf_set, inv_grad_scale, local_shards, opmath_dtype
+from fasttricks.ops._plan import (PlanBase, check_cuda_precision, found_inf_set, inv_grad_scale, local_shards,
+                                  opmath_dtype)
+from fasttricks.ops.rounding import HIGH_BITS, LOW_BITS, round_into_, tensor_key
 
 __all__ = ["AdamHyper", "adam_reference_", "make_adam_plan"]
 
@@ -43,14 +48,17 @@ class AdamHyper(NamedTuple):
     weight_decay: float
     maximize: bool = False
     grad_mul: float = 1.0
+    round_key: int = 0  # NOTE [stochastic rounding]: the step's key (plans with rounding keys only)
 
 
 def adam_reference_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, masters=None,
                     averages=None, lr: float, beta1: float, beta2: float, eps: float,
                     weight_decay: float, amsgrad: bool, decoupled: bool, maximize: bool = False,
-                    grad_mul: float = 1.0, grad_scale=None, found_inf=None, avg_coef: float = 0.0) -> bool:
+                    grad_mul: float = 1.0, grad_scale=None, found_inf=None, avg_coef: float = 0.0,
+                    rounding=None, round_key: int = 0) -> bool:
     """In-place reference step over lists of tensors. Returns False (and
-    changes nothing) when `found_inf` is set."""
+    changes nothing) when `found_inf` is set. `rounding`: the params' keys
+    for stochastic rounding with the step key `round_key` (None: to nearest)."""
     if found_inf_set(found_inf):
         return False
     mul = grad_mul * inv_grad_scale(grad_scale) * (-1.0 if maximize else 1.0)
@@ -61,36 +69,51 @@ def adam_reference_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
             op = opmath_dtype(p.dtype)
             master = masters[i] if masters is not None else None
             w = master if master is not None else p.to(op, copy=True)
+            # NOTE [Adam math]: the kernels' operations in their order, each
+            # rounded once (no fused multiply-add), with the coefficients
+            # computed in double and rounded once: the same bits as the kernels.
             g = grads[i].to(op) * mul
             m, v = exp_avgs[i].to(op, copy=True), exp_avg_sqs[i].to(op, copy=True)
             if decoupled:
                 w.mul_(1 - lr * weight_decay)
             elif weight_decay != 0:
-                g = g.add(w, alpha=weight_decay)
-            m.mul_(beta1).add_(g, alpha=1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                g = g + w * weight_decay
+            m = m * beta1 + g * (1 - beta1)
+            v = v * beta2 + (g * g) * (1 - beta2)
             second = v
+            key = tensor_key(round_key, rounding[i]) if rounding is not None else None
             if amsgrad:
                 vmax = torch.maximum(max_exp_avg_sqs[i].to(op), v)
-                max_exp_avg_sqs[i].copy_(vmax)
+                round_into_(max_exp_avg_sqs[i], vmax, key, 1, HIGH_BITS, positive_floor=True)
                 second = vmax
-            denom = (second.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
-            w.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
-            exp_avgs[i].copy_(m)
-            exp_avg_sqs[i].copy_(v)
-            p.copy_(w)
+            denom = _sqrt_rn(second) * (1 / math.sqrt(1 - beta2**t)) + eps
+            w.sub_((m * (lr / (1 - beta1**t))) / denom)
+            round_into_(exp_avgs[i], m, key, 0, HIGH_BITS)
+            round_into_(exp_avg_sqs[i], v, key, 1, LOW_BITS, positive_floor=True)
+            if master is None:
+                round_into_(p, w, key, 0, LOW_BITS)
+            else:
+                p.copy_(w)
             if averages is not None and avg_coef != 0:
                 averages[i].copy_(averages[i].to(op).lerp_(w, avg_coef))
     return True
 
 
+def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded sqrt, as the kernels take it (torch's vectorised fp32
+    sqrt is within half an ulp, not always the nearest): the fp64 root of an
+    fp32 value rounds to the nearest fp32 root."""
+    return x.double().sqrt().float() if x.dtype == torch.float32 else x.sqrt()
+
+
 class ReferenceAdamPlan(PlanBase):
     op = "Adam"
 
-    def __init__(self, params, steps, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, amsgrad, decoupled):
+    def __init__(self, params, steps, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, amsgrad, decoupled,
+                 rounding=None):
         super().__init__(params, {"exp_avg": exp_avgs, "exp_avg_sq": exp_avg_sqs,
                                   "max_exp_avg_sq": max_exp_avg_sqs if amsgrad else None,
-                                  "master": masters})
+                                  "master": masters}, rounding)
         self.steps, self.amsgrad, self.decoupled = steps, amsgrad, decoupled
 
     def step(self, hyper: AdamHyper, grad_scale, found_inf, avg_coef) -> int:
@@ -102,7 +125,7 @@ class ReferenceAdamPlan(PlanBase):
             averages=pick(self.averages), lr=float(hyper.lr), beta1=float(hyper.beta1), beta2=float(hyper.beta2),
             eps=hyper.eps, weight_decay=hyper.weight_decay, amsgrad=self.amsgrad, decoupled=self.decoupled,
             maximize=hyper.maximize, grad_mul=hyper.grad_mul, grad_scale=grad_scale, found_inf=found_inf,
-            avg_coef=avg_coef)
+            avg_coef=avg_coef, rounding=pick(self.rounding), round_key=hyper.round_key)
         return len(index) if ok else -1
 
 
@@ -113,15 +136,18 @@ class DeviceAdamPlan(DevicePlan):
     ROWS = ADAM_ROWS
     STEP_ROW = "step"
 
+    FLAG_ROWS = ("key",)
+
     def __init__(self, params, steps, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, amsgrad, decoupled,
-                 launch):
+                 launch, rounding=None):
         super().__init__(params, {"exp_avg": exp_avgs, "exp_avg_sq": exp_avg_sqs,
                                   "max_exp_avg_sq": max_exp_avg_sqs if amsgrad else None, "master": masters},
-                         launch, {"amsgrad": amsgrad, "decoupled": decoupled})
+                         launch, {"amsgrad": amsgrad, "decoupled": decoupled}, rounding)
         self.steps = steps
 
 
-def launch_cuda_adam(tables, hyper, *, param_dtype, state_dtype, grad_scale, found_inf, avg_coef, amsgrad,
+def launch_cuda_adam(tables, hyper, *, param_dtype, state_dtype, avg_dtype, master, stochastic_rounding, grad_scale,
+                     found_inf, avg_coef, amsgrad,
                      decoupled, average, device):
     """The CUDA backend's launch: the extension's binding, called as kernels/adam.py's launch_adam is."""
     ptrs, numels, chunk_tensor, chunk_start, n, _ = tables
@@ -133,23 +159,26 @@ def launch_cuda_adam(tables, hyper, *, param_dtype, state_dtype, grad_scale, fou
 
 
 def make_adam_plan(backend: str, params, steps, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters,
-                   *, amsgrad: bool, decoupled: bool):
+                   *, amsgrad: bool, decoupled: bool, rounding=None):
     """A plan for one bucket of params on a concrete backend (see fasttricks._backends.resolve).
     `max_exp_avg_sqs` / `masters` are lists or None. The plan's
     step(hyper: AdamHyper, grad_scale, found_inf, avg_coef) returns the number
-    of params updated, or -1 when found_inf skipped the step (host backends)."""
+    of params updated, or -1 when found_inf skipped the step (host backends).
+    `rounding`: the params' stochastic-rounding keys, or None (round to nearest)."""
     args = (list(params), list(steps), list(exp_avgs), list(exp_avg_sqs),
             list(max_exp_avg_sqs) if amsgrad else None, list(masters) if masters else None)
     if backend != "reference":  # NOTE [DTensor shards]: the kernels take each rank's local pieces
         args = tuple(map(local_shards, args))
     if backend == "reference":
-        return ReferenceAdamPlan(*args, amsgrad, decoupled)
+        return ReferenceAdamPlan(*args, amsgrad, decoupled, rounding)
     if backend == "cpu":
-        return _backends.cpu_ext().AdamPlan(*[a if a is not None else [] for a in args], amsgrad, decoupled)
+        return _backends.cpu_ext().AdamPlan(*[a if a is not None else [] for a in args], amsgrad, decoupled,
+                                            rounding or [], rounding is not None)
     if backend == "triton":
         from fasttricks.kernels.adam import launch_adam  # imports triton: only when asked for
 
-        return DeviceAdamPlan(*args, amsgrad, decoupled, launch_adam)
+        return DeviceAdamPlan(*args, amsgrad, decoupled, launch_adam, rounding)
     if backend == "cuda":
-        return DeviceAdamPlan(*args, amsgrad, decoupled, launch_cuda_adam)
+        check_cuda_precision("Adam", args[0][0].dtype, {"exp_avg": args[2], "master": args[5]}, rounding)
+        return DeviceAdamPlan(*args, amsgrad, decoupled, launch_cuda_adam, rounding)
     raise ValueError(f"Invalid backend: {backend!r}")

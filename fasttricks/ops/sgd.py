@@ -11,6 +11,10 @@ torch.optim.SGD's semantics, in fp32 math (fp64 for fp64 params):
         g = g + momentum * buf if nesterov else buf
     w = w - lr * g
     w_hat = w_hat + c * (w - w_hat)        (when a running average is attached, c != 0)
+
+bf16/fp16 params and buffers are written rounded to nearest, or
+stochastically when the plan has rounding keys (NOTE [stochastic rounding]
+in ops/rounding.py).
 """
 from __future__ import annotations
 
@@ -21,7 +25,9 @@ import torch
 from fasttricks import _backends
 from fasttricks._table import SGD_ROWS, grad_multiplier, scalar_arg
 from fasttricks.ops._device import DevicePlan
-from fasttricks.ops._plan import PlanBase, found_inf_set, inv_grad_scale, local_shards, opmath_dtype
+from fasttricks.ops._plan import (PlanBase, check_cuda_precision, found_inf_set, inv_grad_scale, local_shards,
+                                  opmath_dtype)
+from fasttricks.ops.rounding import HIGH_BITS, LOW_BITS, round_into_, tensor_key
 
 __all__ = ["SgdHyper", "sgd_reference_", "make_sgd_plan"]
 
@@ -35,14 +41,16 @@ class SgdHyper(NamedTuple):
     dampening: float
     maximize: bool = False
     grad_mul: float = 1.0
+    round_key: int = 0  # NOTE [stochastic rounding]: the step's key (plans with rounding keys only)
 
 
 def sgd_reference_(params, grads, momentum_buffers, first_step, *, masters=None, averages=None,
                    lr: float, weight_decay: float, momentum: float, dampening: float, nesterov: bool,
                    decoupled: bool, maximize: bool = False, grad_mul: float = 1.0, grad_scale=None,
-                   found_inf=None, avg_coef: float = 0.0) -> bool:
+                   found_inf=None, avg_coef: float = 0.0, rounding=None, round_key: int = 0) -> bool:
     """In-place reference step. `momentum_buffers` is None when momentum == 0;
-    `first_step[i]` says buffer i is not initialised yet."""
+    `first_step[i]` says buffer i is not initialised yet; `rounding` as for
+    adam_reference_."""
     if found_inf_set(found_inf):
         return False
     mul = grad_mul * inv_grad_scale(grad_scale) * (-1.0 if maximize else 1.0)
@@ -51,20 +59,24 @@ def sgd_reference_(params, grads, momentum_buffers, first_step, *, masters=None,
             op = opmath_dtype(p.dtype)
             master = masters[i] if masters is not None else None
             w = master if master is not None else p.to(op, copy=True)
-            g = grads[i].to(op) * mul
+            g = grads[i].to(op) * mul  # NOTE [SGD math]: the kernels' operations, each rounded once
             if decoupled:
                 w.mul_(1 - lr * weight_decay)
             elif weight_decay != 0:
-                g = g.add(w, alpha=weight_decay)
+                g = g + w * weight_decay
+            key = tensor_key(round_key, rounding[i]) if rounding is not None else None
             if momentum_buffers is not None:
                 if first_step[i]:
                     buf = g.clone()
                 else:
-                    buf = momentum_buffers[i].to(op).mul_(momentum).add_(g, alpha=1 - dampening)
-                momentum_buffers[i].copy_(buf)
-                g = g.add(buf, alpha=momentum) if nesterov else buf
-            w.add_(g, alpha=-lr)
-            p.copy_(w)
+                    buf = momentum_buffers[i].to(op) * momentum + g * (1 - dampening)
+                round_into_(momentum_buffers[i], buf, key, 0, HIGH_BITS)
+                g = g + buf * momentum if nesterov else buf
+            w.sub_(g * lr)
+            if master is None:
+                round_into_(p, w, key, 0, LOW_BITS)
+            else:
+                p.copy_(w)
             if averages is not None and avg_coef != 0:
                 averages[i].copy_(averages[i].to(op).lerp_(w, avg_coef))
     return True
@@ -73,8 +85,8 @@ def sgd_reference_(params, grads, momentum_buffers, first_step, *, masters=None,
 class ReferenceSgdPlan(PlanBase):
     op = "SGD"
 
-    def __init__(self, params, momentum_buffers, masters, first_step, nesterov, decoupled):
-        super().__init__(params, {"momentum_buffer": momentum_buffers, "master": masters})
+    def __init__(self, params, momentum_buffers, masters, first_step, nesterov, decoupled, rounding=None):
+        super().__init__(params, {"momentum_buffer": momentum_buffers, "master": masters}, rounding)
         self.first_step = list(first_step) if momentum_buffers is not None else None
         self.nesterov, self.decoupled = nesterov, decoupled
 
@@ -86,7 +98,8 @@ class ReferenceSgdPlan(PlanBase):
             masters=pick(self.slots["master"]), averages=pick(self.averages), lr=float(hyper.lr),
             weight_decay=hyper.weight_decay, momentum=hyper.momentum, dampening=hyper.dampening,
             nesterov=self.nesterov, decoupled=self.decoupled, maximize=hyper.maximize, grad_mul=hyper.grad_mul,
-            grad_scale=grad_scale, found_inf=found_inf, avg_coef=avg_coef)
+            grad_scale=grad_scale, found_inf=found_inf, avg_coef=avg_coef, rounding=pick(self.rounding),
+            round_key=hyper.round_key)
         if not ok:
             return -1
         if self.first_step is not None:
@@ -101,11 +114,11 @@ class ReferenceSgdPlan(PlanBase):
 class DeviceSgdPlan(DevicePlan):
     op = "SGD"
     ROWS = SGD_ROWS
-    FLAG_ROWS = ("first",)
+    FLAG_ROWS = ("first", "key")
 
-    def __init__(self, params, momentum_buffers, masters, first_step, nesterov, decoupled, launch):
+    def __init__(self, params, momentum_buffers, masters, first_step, nesterov, decoupled, launch, rounding=None):
         super().__init__(params, {"momentum_buffer": momentum_buffers, "master": masters}, launch,
-                         {"nesterov": nesterov, "decoupled": decoupled})
+                         {"nesterov": nesterov, "decoupled": decoupled}, rounding)
         self.momentum = momentum_buffers is not None
         if self.momentum:
             self.set_flags("first", first_step)
@@ -125,7 +138,8 @@ class DeviceSgdPlan(DevicePlan):
         return [bool(f) for f in self.flags("first")] if self.momentum else []
 
 
-def launch_cuda_sgd(tables, hyper, *, param_dtype, state_dtype, grad_scale, found_inf, avg_coef, nesterov,
+def launch_cuda_sgd(tables, hyper, *, param_dtype, state_dtype, avg_dtype, master, stochastic_rounding, grad_scale,
+                     found_inf, avg_coef, nesterov,
                     decoupled, average, device):
     """The CUDA backend's launch: the extension's binding, called as kernels/sgd.py's launch_sgd is."""
     ptrs, numels, chunk_tensor, chunk_start, n, _ = tables
@@ -137,7 +151,7 @@ def launch_cuda_sgd(tables, hyper, *, param_dtype, state_dtype, grad_scale, foun
 
 
 def make_sgd_plan(backend: str, params, momentum_buffers, masters, first_step, *, nesterov: bool,
-                  decoupled: bool):
+                  decoupled: bool, rounding=None):
     """A plan for one bucket of params. `momentum_buffers` is None when momentum
     is 0; `first_step` flags the buffers not initialised yet. The plan's
     step(hyper: SgdHyper, grad_scale, found_inf, avg_coef) returns the number
@@ -147,14 +161,16 @@ def make_sgd_plan(backend: str, params, momentum_buffers, masters, first_step, *
     if backend != "reference":  # NOTE [DTensor shards]: the kernels take each rank's local pieces
         args = (local_shards(args[0]), local_shards(args[1]), local_shards(args[2]), args[3])
     if backend == "reference":
-        return ReferenceSgdPlan(*args, nesterov, decoupled)
+        return ReferenceSgdPlan(*args, nesterov, decoupled, rounding)
     if backend == "cpu":
         p, b, m, f = args
-        return _backends.cpu_ext().SgdPlan(p, b or [], m or [], f if b else [], nesterov, decoupled)
+        return _backends.cpu_ext().SgdPlan(p, b or [], m or [], f if b else [], nesterov, decoupled,
+                                           rounding or [], rounding is not None)
     if backend == "triton":
         from fasttricks.kernels.sgd import launch_sgd  # imports triton: only when asked for
 
-        return DeviceSgdPlan(*args, nesterov, decoupled, launch_sgd)
+        return DeviceSgdPlan(*args, nesterov, decoupled, launch_sgd, rounding)
     if backend == "cuda":
-        return DeviceSgdPlan(*args, nesterov, decoupled, launch_cuda_sgd)
+        check_cuda_precision("SGD", args[0][0].dtype, {"momentum_buffer": args[1], "master": args[2]}, rounding)
+        return DeviceSgdPlan(*args, nesterov, decoupled, launch_cuda_sgd, rounding)
     raise ValueError(f"Invalid backend: {backend!r}")

@@ -32,7 +32,9 @@ from fasttricks import _backends
 from fasttricks.ops._plan import is_dtensor, local_shards
 from fasttricks.optim import _compat, _compiled
 from fasttricks.optim._plan_cache import (GroupPlans, PlanCache, backend_for, bind_real_view_grads,
-                                          bind_shard_grads, normalise_state, uses_master)
+                                          bind_shard_grads, check_precision_options, normalise_state,
+                                          rounds_stochastically, average_dtype, state_dtype, uses_master)
+from fasttricks.ops.rounding import step_key
 from fasttricks.optim._tracked import StateDict
 
 SAMPLER_STATE_KEY = "fasttricks_samplers"  # NOTE [sampler checkpoints]
@@ -40,7 +42,9 @@ SAMPLER_STATE_KEY = "fasttricks_samplers"  # NOTE [sampler checkpoints]
 # The optimizer's own keys in param_groups, beside torch's: never saved in a
 # checkpoint (torch's optimizers would copy them into their groups), always
 # taken from the constructor (or add_param_group) on load.
-FT_GROUP_KEYS = ("backend", "master_weights")
+FT_GROUP_KEYS = ("backend", "master_weights", "stochastic_rounding", "state_dtype")
+# NOTE [stochastic rounding]: the seed and step count of the random bits.
+ROUNDING_STATE_KEY = "fasttricks_rounding"
 
 
 class FusedOptimizerMixin:
@@ -52,17 +56,30 @@ class FusedOptimizerMixin:
 
     profile_hook_step = staticmethod(_compat.profile_hook_step)
 
-    def _ft_init(self, backend: str, master_weights: bool) -> None:
+    def _ft_init(self, backend: str, master_weights: bool, stochastic_rounding: bool = False,
+                 state_dtype=None, rounding_seed: int = 0) -> None:
         _backends.check_backend_name(backend)
+        check_precision_options(master_weights, stochastic_rounding, state_dtype)
+        if isinstance(rounding_seed, bool) or not isinstance(rounding_seed, int):
+            raise TypeError(f"rounding_seed must be an int, got {type(rounding_seed).__name__}")
         if backend not in ("auto", "reference"):
             devices = {p.device for g in self.param_groups for p in g["params"]}
             for device in devices or {torch.device("cpu")}:
                 _backends.resolve(backend, device)  # raises if unavailable: no silent fallback
         self.defaults["backend"] = backend
         self.defaults["master_weights"] = bool(master_weights)
+        self.defaults["stochastic_rounding"] = bool(stochastic_rounding)
+        self.defaults["state_dtype"] = state_dtype
         for group in self.param_groups:
-            group.setdefault("backend", backend)
-            group.setdefault("master_weights", bool(master_weights))
+            for key in self._group_keys:
+                if key in self.defaults:
+                    group.setdefault(key, self.defaults[key])
+            check_precision_options(group["master_weights"], group["stochastic_rounding"], group["state_dtype"])
+        # NOTE [stochastic rounding]: the random bits of step k are keyed by
+        # (rounding_seed, k); k counts the steps taken with rounding on.
+        self.rounding_seed = rounding_seed
+        self._ft_round_step = 0
+        self._ft_round_key = 0
         self._step_supports_amp_scaling = True
         self.state = StateDict(self.state)
         self._ft_cache = PlanCache()
@@ -80,6 +97,8 @@ class FusedOptimizerMixin:
                 group.setdefault(key, self.defaults[key])
         if "backend" in group:
             _backends.check_backend_name(group["backend"])
+        if "master_weights" in group:
+            check_precision_options(group["master_weights"], group.get("stochastic_rounding"), group.get("state_dtype"))
 
     def state_dict(self):
         """torch's state_dict, byte for byte in structure: plain dicts for the
@@ -90,6 +109,8 @@ class FusedOptimizerMixin:
         state_dict["state"] = {k: dict(v) for k, v in state_dict["state"].items()}
         state_dict["param_groups"] = [{k: v for k, v in g.items() if k not in self._group_keys}
                                       for g in state_dict["param_groups"]]
+        if any(rounds_stochastically(g) for g in self.param_groups):
+            state_dict[ROUNDING_STATE_KEY] = {"seed": self.rounding_seed, "step": self._ft_round_step}
         return state_dict
 
     def load_state_dict(self, state_dict):
@@ -107,15 +128,20 @@ class FusedOptimizerMixin:
         # attached now loaded theirs in a pre-hook; the rest wait for their sampler.
         claimed = self.__dict__.pop("_ft_claimed_samplers", set())
         self._ft_pending_samplers = {k: v for k, v in saved.items() if k not in claimed}
+        rounding = state_dict.get(ROUNDING_STATE_KEY)
+        if rounding is not None:
+            self.rounding_seed, self._ft_round_step = int(rounding["seed"]), int(rounding["step"])
         # torch casts loaded state to the param dtype; master-weight state is
         # fp32, so take those tensors again from the checkpoint at full precision.
         saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         for group in self.param_groups:
             for p, pid in zip(group["params"], saved_ids):
-                if uses_master(group, p.dtype) and pid in state_dict["state"]:
+                want = state_dtype(group, p.dtype)
+                if (want != p.dtype or uses_master(group, p.dtype)) and pid in state_dict["state"]:
                     for k, v in state_dict["state"][pid].items():
                         if k != "step" and torch.is_tensor(v) and v.is_floating_point():
-                            self.state[p][k] = v.to(device=p.device, dtype=torch.float32, copy=True)
+                            dtype = torch.float32 if k == "master_param" else want
+                            self.state[p][k] = v.to(device=p.device, dtype=dtype, copy=True)
         self._ft_cache.clear()
 
     def __setstate__(self, state):
@@ -124,6 +150,9 @@ class FusedOptimizerMixin:
         self._ft_cache = PlanCache()
         self.__dict__.setdefault("grad_multiplier", 1.0)
         self.__dict__.setdefault("_ft_sampler", None)
+        self.__dict__.setdefault("rounding_seed", 0)
+        self.__dict__.setdefault("_ft_round_step", 0)
+        self.__dict__.setdefault("_ft_round_key", 0)
         self._step_supports_amp_scaling = True
         if "_ft_compile_id" not in self.__dict__:  # a copy or an unpickled optimizer
             _compiled.register(self)
@@ -157,7 +186,8 @@ class FusedOptimizerMixin:
 
     def _plan_flags(self, group) -> tuple:
         """The group switches a plan is built for: a change rebuilds it."""
-        return (group["backend"], bool(group["master_weights"]), *self._family_flags(group))
+        return (group["backend"], bool(group["master_weights"]), rounds_stochastically(group),
+                group.get("state_dtype"), *self._family_flags(group))
 
     def _build_group(self, group, flags) -> GroupPlans:
         if any(p.device.type == "meta" for p in group["params"]):
@@ -178,9 +208,8 @@ class FusedOptimizerMixin:
                         stateless.append(p)
                         continue
                     state = self._init_state(group, p)
-                master = uses_master(group, p.dtype)
-                if state or master:
-                    normalise_state(p, self.state[p], master, backend_for(group, p.device, backends))
+                if state or uses_master(group, p.dtype):
+                    normalise_state(p, self.state[p], group, backend_for(group, p.device, backends))
                 buckets.setdefault((p.device, p.dtype, is_dtensor(p)), []).append(p)
             created = [p for p in created if self.state.get(p)]
             entry = self._build_buckets(group, flags, buckets, stateless, backends)
@@ -198,6 +227,9 @@ class FusedOptimizerMixin:
 
     def _build_buckets(self, group, flags, buckets, stateless, backends) -> GroupPlans:
         plans, shards, real_views = [], [], []
+        # NOTE [stochastic rounding]: a param's random bits are keyed by its
+        # index among all the optimizer's params.
+        index = {id(p): i for i, p in enumerate(itertools.chain.from_iterable(g["params"] for g in self.param_groups))}
         for (device, dtype, sharded), params in buckets.items():
             backend = backend_for(group, device, backends)
             master = uses_master(group, dtype)
@@ -206,9 +238,10 @@ class FusedOptimizerMixin:
                 views = {id(p): torch.view_as_real(p.detach()) for p in params}
                 view = lambda t, views=views: views.get(id(t)) if id(t) in views else torch.view_as_real(t)  # noqa: E731
                 real_views += [(p, views[id(p)]) for p in params]
-            plan = self._build_plan(backend, group, params, master, view or _same)
+            plan = self._build_plan(backend, group, params, master, view or _same,
+                                    rounding=([index[id(p)] for p in params] if rounds_stochastically(group) else None))
             if self._ft_sampler is not None:
-                averages = [(view or _same)(a) for a in self._ft_sampler.averages_for(params, master)]
+                averages = [(view or _same)(a) for a in self._ft_sampler.averages_for(params, average_dtype(group, dtype))]
                 plan.set_averages(local_shards(averages) if sharded and backend != "reference" else averages)
             if sharded and backend != "reference":
                 shards += [(p, p._local_tensor) for p in params]
@@ -265,6 +298,10 @@ class FusedOptimizerMixin:
             # Meta params hold shapes, no values: torch's own step does what torch does with them.
             _compat.torch_step(self, None)
             return
+        rounding = any(entry.flags[2] for entry in entries)  # _plan_flags: stochastic rounding
+        if rounding:  # NOTE [stochastic rounding]: this step's key
+            self._ft_round_step += 1
+            self._ft_round_key = step_key(self.rounding_seed, self._ft_round_step)
         shards, real_views = [], []
         for entry in entries:
             if entry.shards or entry.real_views:
@@ -302,6 +339,8 @@ class FusedOptimizerMixin:
             for entry in entries:
                 self._forget_state(entry.created)
             self._ft_cache.clear()
+            if rounding:
+                self._ft_round_step -= 1
             raise
         finally:
             for _, view in shards + real_views:  # the params' grads own these: do not keep them alive

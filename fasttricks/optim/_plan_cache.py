@@ -40,25 +40,59 @@ def uses_master(group, dtype: torch.dtype) -> bool:
     return bool(group.get("master_weights")) and dtype in LOW_PRECISION
 
 
-def state_dtype(param_dtype: torch.dtype, master: bool) -> torch.dtype:
-    """The dtype of a param's optimizer state (moments, momentum buffer, master
-    copy, weight averages): fp32 with master weights, else the param's own."""
-    return torch.float32 if master else param_dtype
+def rounds_stochastically(group) -> bool:
+    """Whether the group's bf16/fp16 writes (params, state) round
+    stochastically (NOTE [stochastic rounding], fasttricks/ops/rounding.py)."""
+    return bool(group.get("stochastic_rounding"))
 
 
-def normalise_state(p, state, master: bool, backend: str) -> None:
+def state_dtype(group, param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a param's moments / momentum buffer (docs/precision.md):
+    the group's `state_dtype` when one was asked for, else fp32 with master
+    weights and the param's own dtype without."""
+    asked = group.get("state_dtype")
+    if asked is not None and param_dtype in (torch.float32,) + LOW_PRECISION:
+        return asked
+    return torch.float32 if uses_master(group, param_dtype) else param_dtype
+
+
+def average_dtype(group, param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a fused sampler's running average (and of the master copy):
+    fp32 for bf16/fp16 params with master weights or stochastic rounding
+    (a bf16 average would lose the small increments of an EMA), else the
+    param's own dtype."""
+    if param_dtype in LOW_PRECISION and (uses_master(group, param_dtype) or rounds_stochastically(group)):
+        return torch.float32
+    return param_dtype
+
+
+def check_precision_options(master_weights, stochastic_rounding, state_dtype_asked) -> None:
+    """The constructors' checks of the precision switches (ValueError)."""
+    if state_dtype_asked not in (None, torch.float32, torch.bfloat16):
+        raise ValueError(f"state_dtype must be None, torch.float32 or torch.bfloat16, got {state_dtype_asked}")
+    if master_weights and stochastic_rounding:
+        raise ValueError("master_weights and stochastic_rounding are two ways to keep small updates: choose one")
+    if master_weights and state_dtype_asked == torch.bfloat16:
+        raise ValueError("master_weights keeps fp32 state; state_dtype=torch.bfloat16 needs master_weights=False")
+
+
+def normalise_state(p, state, group, backend: str) -> None:
     """State dtypes and devices as the kernels need them (after a checkpoint
-    load, a change of master_weights, or torch writing the step as float64
-    under a float64 default dtype): see state_dtype(); `step` a 0-dim float
-    tensor, float32 on the param's device for the device backends (their
-    kernels read it as float32), float32 or float64 on the CPU otherwise."""
-    want = state_dtype(p.dtype, master)
+    load, a change of master_weights or state_dtype, or torch writing the
+    step as float64 under a float64 default dtype): see state_dtype(); `step`
+    a 0-dim float tensor, float32 on the param's device for the device
+    backends (their kernels read it as float32), float32 or float64 on the
+    CPU otherwise."""
+    master = uses_master(group, p.dtype)
+    want = state_dtype(group, p.dtype)
     for k, v in list(state.items()):
         if k == "step" or not torch.is_tensor(v) or not (v.is_floating_point() or v.is_complex()):
             continue
         if k == "master_param" and not master:
             del state[k]
-        elif v.dtype != want or v.device != p.device:
+        elif k == "master_param" and (v.dtype != torch.float32 or v.device != p.device):
+            state[k] = v.to(device=p.device, dtype=torch.float32)
+        elif k != "master_param" and (v.dtype != want or v.device != p.device):
             state[k] = v.to(device=p.device, dtype=want)
     if master and "master_param" not in state:
         state["master_param"] = p.detach().to(torch.float32, copy=True)
@@ -151,9 +185,15 @@ class PlanCache:
 
 
 def backend_for(group, device, cache: dict) -> str:
-    """The concrete backend of `group` for `device` (resolved once per build)."""
+    """The concrete backend of `group` for `device` (resolved once per build).
+    "auto" leaves the cuda backend for Triton where the group asks for a
+    precision only Triton's kernels have (ops._plan.check_cuda_precision)."""
     if device not in cache:
-        cache[device] = _backends.resolve(group["backend"], device)
+        backend = _backends.resolve(group["backend"], device)
+        if (backend == "cuda" and group["backend"] == "auto" and _backends.available("triton", device) is None
+                and (rounds_stochastically(group) or group.get("state_dtype") is not None)):
+            backend = "triton"
+        cache[device] = backend
     return cache[device]
 
 

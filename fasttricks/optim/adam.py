@@ -16,6 +16,15 @@ _EXTRA_DOC = """
         master_weights: for bf16/fp16 params keep an fp32 master copy in the state
             ("master_param") and fp32 moments; the math runs on the master and the
             param receives it rounded.
+        stochastic_rounding: for bf16/fp16 params without master weights, round
+            each fp32 update to the param's dtype stochastically (and the
+            moments too when they are bf16/fp16), so that updates below half an
+            ulp still move the weights on average. Reproducible: the random bits
+            depend on (rounding_seed, step, param index, element) only.
+        state_dtype: None (fp32 with master weights, else the param's dtype),
+            torch.float32 or torch.bfloat16: the dtype of exp_avg / exp_avg_sq.
+        rounding_seed: the seed of the stochastic rounding, saved in state_dict().
+        See docs/precision.md for when to choose which.
     `foreach` and `fused` are accepted for compatibility and ignored: the step
     is always one fused pass. `differentiable=True` runs torch's own step.
 """
@@ -42,8 +51,9 @@ class _AdamFamily(FusedOptimizerMixin):
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _build_plan(self, backend, group, params, master, view):
-        """`view` maps a param or state tensor to what the plan steps (NOTE [complex params])."""
+    def _build_plan(self, backend, group, params, master, view, rounding):
+        """`view` maps a param or state tensor to what the plan steps (NOTE [complex params]);
+        `rounding`: the params' indices, keys of their stochastic rounding (None: off)."""
         states = [self.state[p] for p in params]
         if group["amsgrad"]:
             for s in states:
@@ -53,12 +63,12 @@ class _AdamFamily(FusedOptimizerMixin):
         return make_adam_plan(
             backend, [view(p) for p in params], [s["step"] for s in states], slot("exp_avg"), slot("exp_avg_sq"),
             slot("max_exp_avg_sq") if group["amsgrad"] else None, slot("master_param") if master else None,
-            amsgrad=bool(group["amsgrad"]), decoupled=self._decoupled(group))
+            amsgrad=bool(group["amsgrad"]), decoupled=self._decoupled(group), rounding=rounding)
 
     def _hyper(self, group) -> AdamHyper:
         beta1, beta2 = group["betas"]
         return AdamHyper(group["lr"], float(beta1), float(beta2), group["eps"], group["weight_decay"],
-                         bool(group["maximize"]), self.grad_multiplier)
+                         bool(group["maximize"]), self.grad_multiplier, self._ft_round_key)
 
 
 class Adam(_AdamFamily, torch.optim.Adam):
@@ -66,11 +76,12 @@ class Adam(_AdamFamily, torch.optim.Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
-                 decoupled_weight_decay=False, backend="auto", master_weights=False):
+                 decoupled_weight_decay=False, backend="auto", master_weights=False, stochastic_rounding=False,
+                 state_dtype=None, rounding_seed=0):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=decoupled_weight_decay)
-        self._ft_init(backend, master_weights)
+        self._ft_init(backend, master_weights, stochastic_rounding, state_dtype, rounding_seed)
 
 
 class AdamW(_AdamFamily, torch.optim.AdamW):
@@ -78,10 +89,10 @@ class AdamW(_AdamFamily, torch.optim.AdamW):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
-                 backend="auto", master_weights=False):
+                 backend="auto", master_weights=False, stochastic_rounding=False, state_dtype=None, rounding_seed=0):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, foreach=foreach,
                          capturable=capturable, differentiable=differentiable, fused=fused)
-        self._ft_init(backend, master_weights)
+        self._ft_init(backend, master_weights, stochastic_rounding, state_dtype, rounding_seed)
 
     def _decoupled(self, group) -> bool:
         return True

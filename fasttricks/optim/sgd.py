@@ -7,7 +7,7 @@ from fasttricks.ops._plan import found_inf_set, inv_grad_scale
 from fasttricks.ops.average import average_reference_
 from fasttricks.ops.sgd import SgdHyper, make_sgd_plan
 from fasttricks.optim._fused import FT_GROUP_KEYS, FusedOptimizerMixin
-from fasttricks.optim._plan_cache import state_dtype
+from fasttricks.optim._plan_cache import average_dtype, state_dtype
 
 __all__ = ["SGD", "SGDW"]
 
@@ -15,8 +15,9 @@ __all__ = ["SGD", "SGDW"]
 class SGD(FusedOptimizerMixin, torch.optim.SGD):
     __doc__ = (torch.optim.SGD.__doc__ or "") + """
     fasttricks additions (keyword-only): ``backend`` ("auto" | "reference" |
-    "cpu" | "triton" | "cuda") and ``master_weights`` (fp32 master copy and
-    momentum for bf16/fp16 params), as for fasttricks.optim.Adam.
+    "cpu" | "triton" | "cuda"), ``master_weights`` (fp32 master copy and
+    momentum for bf16/fp16 params), ``stochastic_rounding``, ``state_dtype``
+    (of the momentum buffer) and ``rounding_seed``, as for fasttricks.optim.Adam.
 
     The momentum buffer enters the state on the first step that commits, as
     torch records it: a step skipped by found_inf creates none, and a buffer
@@ -29,13 +30,13 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None, backend="auto",
-                 master_weights=False):
+                 master_weights=False, stochastic_rounding=False, state_dtype=None, rounding_seed=0):
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize,
                          foreach=foreach, differentiable=differentiable, fused=fused)
         self.defaults["decoupled_weight_decay"] = self._decoupled_default
         for group in self.param_groups:
             group.setdefault("decoupled_weight_decay", self._decoupled_default)
-        self._ft_init(backend, master_weights)
+        self._ft_init(backend, master_weights, stochastic_rounding, state_dtype, rounding_seed)
 
     def _family_flags(self, group):
         return (group["momentum"] != 0, bool(group["nesterov"]), bool(group.get("decoupled_weight_decay")))
@@ -47,7 +48,7 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
     def _init_state(self, group, p):
         return self.state.get(p)  # the buffer comes from the plan (_build_plan)
 
-    def _build_plan(self, backend, group, params, master, view):
+    def _build_plan(self, backend, group, params, master, view, rounding):
         """`view` maps a param or state tensor to what the plan steps (NOTE [complex params])."""
         momentum = group["momentum"] != 0
         bufs, first, pending = ([], [], {}) if momentum else (None, [False] * len(params), {})
@@ -56,14 +57,15 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
                 state = self.state.get(p)
                 buf = state.get("momentum_buffer") if state else None
                 if buf is None:  # the kernel writes buf = g on the first step
-                    buf = torch.zeros_like(p, dtype=state_dtype(p.dtype, master),
+                    buf = torch.zeros_like(p, dtype=state_dtype(group, p.dtype),
                                            memory_format=torch.preserve_format)
                     pending[i] = (p, buf)
                 bufs.append(view(buf))
                 first.append(i in pending)
         plan = make_sgd_plan(backend, [view(p) for p in params], bufs,
                              [view(self.state[p]["master_param"]) for p in params] if master else None, first,
-                             nesterov=bool(group["nesterov"]), decoupled=bool(group.get("decoupled_weight_decay")))
+                             nesterov=bool(group["nesterov"]), decoupled=bool(group.get("decoupled_weight_decay")),
+                             rounding=rounding)
         plan._ft_pending = pending  # buffers that enter the state on their first committed step
         return plan
 
@@ -109,11 +111,12 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
             stepped.append(p)
         self._ft_cache.write_state(self, buffers)
         if avg_coef != 0 and self._ft_sampler is not None and stepped:
-            average_reference_(self._ft_sampler.averages_for(stepped, False), [p.detach() for p in stepped], avg_coef)
+            averages = [self._ft_sampler.averages_for([p], average_dtype(group, p.dtype))[0] for p in stepped]
+            average_reference_(averages, [p.detach() for p in stepped], avg_coef)
 
     def _hyper(self, group) -> SgdHyper:
         return SgdHyper(group["lr"], group["weight_decay"], group["momentum"], group["dampening"],
-                        bool(group["maximize"]), self.grad_multiplier)
+                        bool(group["maximize"]), self.grad_multiplier, self._ft_round_key)
 
     def _step_plan(self, plan, hyper, grad_scale, found_inf, avg_coef):
         n = super()._step_plan(plan, hyper, grad_scale, found_inf, avg_coef)

@@ -34,7 +34,7 @@ from fasttricks._checks import check_int
 from fasttricks.ops._plan import found_inf_set
 from fasttricks.ops.average import average_reference_
 from fasttricks.optim._fused import SAMPLER_STATE_KEY as _STATE_KEY
-from fasttricks.optim._plan_cache import state_dtype, uses_master
+from fasttricks.optim._plan_cache import average_dtype
 
 
 def _check_fraction(name: str, value, *, low_open: bool = True) -> float:
@@ -73,7 +73,7 @@ class WeightSampler:
             raise ValueError(f"{type(self).__name__}: the optimizer has no parameters")
         self._index = {id(p): i for i, p in enumerate(self.params)}
         with torch.no_grad():
-            self.averages: list[torch.Tensor] = [p.detach().to(state_dtype(p.dtype, uses_master(g, p.dtype)), copy=True)
+            self.averages: list[torch.Tensor] = [p.detach().to(average_dtype(g, p.dtype), copy=True)
                                                  for g in optimizer.param_groups for p in g["params"]]
         # NOTE [averaged buffers]: with model=, its buffers are averaged too.
         self.model = model
@@ -233,26 +233,26 @@ class WeightSampler:
                 return master
         return p.detach()
 
-    def averages_for(self, params, master: bool) -> list[torch.Tensor]:
-        """The averages of one fused plan bucket, in the state dtype of that bucket."""
+    def averages_for(self, params, dtype: torch.dtype) -> list[torch.Tensor]:
+        """The averages of one fused plan bucket, in `dtype` (the bucket's average_dtype)."""
         out = []
         for p in params:
             i = self._index.get(id(p))
             if i is None:  # a param group added after the sampler was created
-                self._add_param(p, master)
+                self._add_param(p, dtype)
                 i = self._index[id(p)]
             avg = self.averages[i]
-            want = state_dtype(p.dtype, master)
+            want = dtype
             if avg.dtype != want or avg.device != p.device:
                 avg = self.averages[i] = avg.to(device=p.device, dtype=want)
             out.append(avg)
         return out
 
-    def _add_param(self, p, master: bool) -> None:
+    def _add_param(self, p, dtype: torch.dtype) -> None:
         self._index[id(p)] = len(self.params)
         self.params.append(p)
         with torch.no_grad():
-            self.averages.append(p.detach().to(state_dtype(p.dtype, master), copy=True))
+            self.averages.append(p.detach().to(dtype, copy=True))
 
     # ---- epoch end ---------------------------------------------------------
 

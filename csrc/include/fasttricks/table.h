@@ -17,11 +17,11 @@ constexpr int64_t kChunk = 4096;  // elements per Triton program / CUDA block
 
 namespace adam {
 constexpr int kParam = 0, kGrad = 1, kExpAvg = 2, kExpAvgSq = 3, kMaxExpAvgSq = 4, kMaster = 5, kAvg = 6,
-              kStep = 7, kRows = 8;
+              kStep = 7, kKey = 8, kRows = 9;
 }  // namespace adam
 
 namespace sgd {
-constexpr int kParam = 0, kGrad = 1, kMomentumBuffer = 2, kMaster = 3, kAvg = 4, kFirst = 5, kRows = 6;
+constexpr int kParam = 0, kGrad = 1, kMomentumBuffer = 2, kMaster = 3, kAvg = 4, kFirst = 5, kKey = 6, kRows = 7;
 }  // namespace sgd
 
 }  // namespace table
