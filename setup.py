@@ -118,7 +118,9 @@ def extensions():
                 include_dirs=INCLUDE,
                 # No --use_fast_math: IEEE sqrt/division and denormals, as torch and the
                 # other backends (docs/precision.md); the kernels are memory-bound anyway.
-                extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17"]},
+                extra_compile_args={"cxx": ["-O3", "-std=c++17"],
+                                    # no FMA contraction: the same fp32 bits as the other backends
+                                    "nvcc": ["-O3", "-std=c++17", "--fmad=false"]},
             )
         )
     else:

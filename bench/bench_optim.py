@@ -178,7 +178,8 @@ def main(argv=None):
     # adamw_precision: speedup is against our own bf16 + fp32 master step
     print_table(rows, ["case", "shapes", "impl", "median_ms", "speedup", "GBps", "ceiling_GBps", "step_us_warm",
                        "bytes_moved_per_param", "bytes_held_per_param"])
-    write_rows("optim", rows, device, args.save)
+    # A subset of the cases goes to its own file (optim_<cases>_<device>.json).
+    write_rows("_".join(["optim", *args.cases]) if args.cases else "optim", rows, device, args.save)
     return rows
 
 

@@ -63,12 +63,13 @@ def _share_the_cores() -> None:
 def _demo(args) -> int:
     import torch
 
-    from fasttricks.demo import RECIPES, DemoConfig, run_demo
+    from fasttricks.demo import ALL_RECIPES, RECIPES, DemoConfig, run_demo
 
     recipes = tuple(args.recipes.split(",")) if args.recipes else RECIPES
-    bad = [r for r in recipes if r not in RECIPES]
+    bad = [r for r in recipes if r not in ALL_RECIPES]
     if bad:
-        args.parser.error(f"argument --recipes: unknown recipe(s) {','.join(bad)}; choose from {','.join(RECIPES)}")
+        args.parser.error(f"argument --recipes: unknown recipe(s) {','.join(bad)}; choose from "
+                          f"{','.join(ALL_RECIPES)}")
     if args.data == "cifar10" and not args.data_dir:
         args.parser.error("argument --data cifar10 needs --data-dir (the folder holding cifar-10-batches-py)")
     _writable_dir(args.parser, "--out", args.out)
@@ -198,7 +199,9 @@ def main(argv=None) -> int:
     d.add_argument("--lr", type=_positive_float)
     d.add_argument("--threads", type=_positive_int, default=None,
                    help="CPU threads (default: torch's; under torchrun, the cores divided among the local ranks)")
-    d.add_argument("--recipes", default=None, help="comma-separated subset of the recipes")
+    d.add_argument("--recipes", default=None,
+                   help="comma-separated recipes (default: all but the bf16 ones; bf16,bf16_sr train the plain "
+                        "recipe in bf16, rounded to nearest or stochastically)")
     d.add_argument("--ddp", action="store_true", help="DistributedDataParallel under torchrun (gloo)")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(fn=_demo)

@@ -113,11 +113,15 @@ def rounding_tensor_key(ptrs_ptr, n_tensors, t, round_key, KEY_ROW: tl.constexpr
 
 
 @triton.jit
-def draw_bits(tensor_key, offs, D: tl.constexpr):
-    """32 random bits per element offs for draw D."""
+def draw_bits(tensor_key, offs):
+    """word0 of the random bits of the elements offs."""
     hi = (offs >> 31).to(tl.uint32) * tl.full(offs.shape, 0x85EBCA6B, tl.uint32)
-    ctr = ((offs & 0x7FFFFFFF).to(tl.uint32) << 1) | D
-    return mix32((tensor_key ^ hi) + ctr)
+    return mix32((tensor_key ^ hi) + (offs & 0x7FFFFFFF).to(tl.uint32))
+
+
+@triton.jit
+def next_word(bits):
+    return bits * tl.full(bits.shape, 0x9E3779B1, tl.uint32)
 
 
 @triton.jit
@@ -129,7 +133,7 @@ def store_rounded(ptr, mask, x, bits, SHIFT: tl.constexpr, FLOOR: tl.constexpr, 
         r = (bits >> SHIFT) & 0xFFFF
         b = x.to(tl.uint32, bitcast=True)
         out = (b + r) >> 16
-        out = tl.where(x != x, (b >> 16) | 0x40, out)
+        out = tl.where(x != x, 0x7FC0, out)  # NaN: the canonical quiet NaN
         if FLOOR:
             out = tl.where((x > 0.0) & (out == 0), 1, out)
         tl.store(ptr, out.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)

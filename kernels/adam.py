@@ -14,7 +14,7 @@ import triton.language as tl
 
 from fasttricks._table import ADAM_ROW, CHUNK, grad_multiplier, scalar_arg
 from fasttricks.kernels import PRECISIONS, precision_name
-from fasttricks.kernels._common import (BLOCK, COMPILE_OPTIONS, chunk_prologue, div_ieee, constant, draw_bits, load_weight_and_grad,
+from fasttricks.kernels._common import (BLOCK, COMPILE_OPTIONS, chunk_prologue, div_ieee, constant, draw_bits, load_weight_and_grad, next_word,
                                         precision_constexprs, rounding_tensor_key, sqrt_ieee, store_rounded,
                                         store_weights, table_ptr)
 
@@ -72,10 +72,10 @@ def adam_kernel(ptrs_ptr, numels_ptr, chunk_tensor_ptr, chunk_start_ptr, n_tenso
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(MATH_DTYPE)
         m = b1 * m + omb1 * g
         v = b2 * v + omb2 * (g * g)
-        # Draw 0: (param, exp_avg); draw 1: (exp_avg_sq, max_exp_avg_sq).
+        # word0: param (low half), exp_avg (high); word1: exp_avg_sq; word2: max_exp_avg_sq.
         if SR:
-            bits0 = draw_bits(key, offs, 0)
-            bits1 = draw_bits(key, offs, 1)
+            bits0 = draw_bits(key, offs)
+            bits1 = next_word(bits0)
         else:
             bits0 = offs
             bits1 = offs
@@ -83,12 +83,16 @@ def adam_kernel(ptrs_ptr, numels_ptr, chunk_tensor_ptr, chunk_start_ptr, n_tenso
         if AMSGRAD:
             vmax_ptr = table_ptr(ptrs_ptr, n_tensors, t, MAX_EXP_AVG_SQ, STATE_DTYPE)
             vmax = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(MATH_DTYPE), v)
-            store_rounded(vmax_ptr + offs, mask, vmax, bits1, 16, True, STATE_DTYPE, SR)
+            if SR:
+                bits2 = next_word(bits1)
+            else:
+                bits2 = offs
+            store_rounded(vmax_ptr + offs, mask, vmax, bits2, 16, True, STATE_DTYPE, SR)
             second = vmax
         denom = sqrt_ieee(second, MATH_DTYPE) * inv_bc2_sqrt + eps
         w = w - div_ieee(step_size * m, denom, MATH_DTYPE)  # the order of NOTE [Adam math]
         store_rounded(m_ptr + offs, mask, m, bits0, 16, False, STATE_DTYPE, SR)
-        store_rounded(v_ptr + offs, mask, v, bits1, 0, True, STATE_DTYPE, SR)
+        store_rounded(v_ptr + offs, mask, v, bits1, 16, True, STATE_DTYPE, SR)
         store_weights(ptrs_ptr, n_tensors, t, offs, mask, w, avg_coef, bits0, MASTER_ROW, AVG_ROW, PARAM_DTYPE,
                       STATE_DTYPE, AVG_DTYPE, MATH_DTYPE, MASTER, AVERAGE, SR)
 

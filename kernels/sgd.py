@@ -40,8 +40,8 @@ def sgd_kernel(ptrs_ptr, numels_ptr, chunk_tensor_ptr, chunk_start_ptr, n_tensor
         mask = offs < numel
         w, g = load_weight_and_grad(ptrs_ptr, n_tensors, t, offs, mask, mul, weight_decay, decay, MASTER_ROW, PARAM_DTYPE,
                                     STATE_DTYPE, MATH_DTYPE, MASTER, DECOUPLED)
-        if SR:  # draw 0: (param, momentum buffer)
-            bits0 = draw_bits(key, offs, 0)
+        if SR:  # word0: param (low half), momentum buffer (high)
+            bits0 = draw_bits(key, offs)
         else:
             bits0 = offs
         if MOMENTUM:

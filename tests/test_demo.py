@@ -125,3 +125,15 @@ def test_interrupt_writes_the_finished_runs_as_partial(tmp_path, monkeypatch):
     assert report["status"] == "partial: interrupted after 1 of 2 runs"
     assert [r["recipe"] for r in report["runs"]] == ["plain_sgd"]
     assert "partial" in (tmp_path / "report.md").read_text()
+
+
+def test_bf16_recipes_train_with_bf16_momentum():
+    """--recipes bf16,bf16_sr: the plain recipe in bf16, rounded to nearest or
+    stochastically (docs/precision.md); both learn the digits."""
+    from fasttricks.demo import PRECISION_RECIPES, DemoConfig, load_data, train_recipe
+
+    cfg = DemoConfig.quick_config(epochs=2, seeds=1, progress=False)
+    data = load_data(cfg)
+    for recipe in PRECISION_RECIPES:
+        run = train_recipe(recipe, 0, data, cfg)
+        assert run["recipe"] == recipe and run["test_acc"][-1] > 0.5

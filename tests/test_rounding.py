@@ -234,12 +234,36 @@ def test_bad_precision_options():
         fo.AdamW(p, stochastic_rounding=True, rounding_seed=1.5)
 
 
-def test_cuda_backend_names_its_gap():
-    from fasttricks.ops._plan import check_cuda_precision
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_tiny_second_moments_stay_positive_and_agree(backend):
+    """exp_avg_sq of ~1e-42 (an fp32 subnormal, below the smallest bf16): never
+    rounded to 0, and the same bits on every backend."""
+    kw = dict(lr=LR, betas=(0.5, 0.75), eps=2.0 ** -20, stochastic_rounding=True, state_dtype=torch.bfloat16)
+    runs = []
+    for b in ("reference", backend):
+        w = torch.ones(4099, dtype=torch.bfloat16, requires_grad=True)
+        opt = fo.Adam([w], backend=b, **kw)
+        u = torch.rand(4099, generator=torch.Generator().manual_seed(0)) + 0.5
+        w.grad = (u * 4e-21).to(w.dtype)  # (1 - 0.75) g^2: 1e-42 to 1e-41, positive in fp32
+        opt.step()
+        runs.append((w.detach().clone(), opt.state[w]["exp_avg_sq"].clone()))
+    (w_ref, v_ref), (w_ours, v_ours) = runs
+    assert (v_ref.float() > 0).all() and torch.equal(v_ours, v_ref) and torch.equal(w_ours, w_ref)
 
-    bf16 = [torch.zeros(2, dtype=torch.bfloat16)]
-    check_cuda_precision("Adam", torch.bfloat16, {"exp_avg": bf16, "master": None}, None)  # the classic case
-    with pytest.raises(NotImplementedError, match="triton"):
-        check_cuda_precision("Adam", torch.bfloat16, {"exp_avg": bf16, "master": None}, [0])
-    with pytest.raises(NotImplementedError, match="triton"):
-        check_cuda_precision("SGD", torch.float32, {"momentum_buffer": bf16, "master": None}, None)
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_scale_divides_before_rounding(backend):
+    """GradScaler's grad_scale: a step on scaled grads equals the step on the
+    unscaled ones, bits included (the scale is a power of two)."""
+    runs = []
+    for scale in (None, 2.0 ** 12):
+        w = torch.linspace(-2, 2, 4099, dtype=torch.bfloat16).requires_grad_()
+        opt = fo.AdamW([w], lr=LR, weight_decay=WD, backend=backend, stochastic_rounding=True,
+                       state_dtype=torch.bfloat16)
+        g = torch.linspace(1, -1, 4099) * 1e-3
+        w.grad = (g * (scale or 1.0)).to(torch.bfloat16)
+        if scale:
+            opt.grad_scale = torch.tensor(scale)
+        opt.step()
+        runs.append(w.detach().clone())
+    assert torch.equal(runs[0], runs[1])

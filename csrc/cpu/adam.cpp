@@ -68,14 +68,15 @@ void adam_kernel(const std::vector<AdamPtrs<P, S, AverageT<P, MASTER, SR>, typen
     for (int u = 0; u < U; ++u) {
       const int64_t j = i + u * kUnit;
       if constexpr (ROUND_S || ROUND_P) {
-        // Draw 0: (param, exp_avg); draw 1: (exp_avg_sq, max_exp_avg_sq).
-        alignas(64) uint32_t d0[kUnit], d1[kUnit];
-        draw_unit<kUnit>(t.key, j, 0, d0);
+        // word0: param (low half), exp_avg (high); word1: exp_avg_sq; word2: max_exp_avg_sq.
+        const Draws d0 = draw_unit(t.key, j);
         if constexpr (ROUND_S) {
-          draw_unit<kUnit>(t.key, j, 1, d1);
+          const Draws d1 = next_word(d0);
           SIO::store_rounded(t.exp_avg + j, n, m[2 * u], m[2 * u + 1], d0, 16, false);
-          SIO::store_rounded(t.exp_avg_sq + j, n, v[2 * u], v[2 * u + 1], d1, 0, true);
-          if constexpr (AMSGRAD) SIO::store_rounded(t.max_exp_avg_sq + j, n, x[2 * u], x[2 * u + 1], d1, 16, true);
+          SIO::store_rounded(t.exp_avg_sq + j, n, v[2 * u], v[2 * u + 1], d1, 16, true);
+          if constexpr (AMSGRAD) {
+            SIO::store_rounded(t.max_exp_avg_sq + j, n, x[2 * u], x[2 * u + 1], next_word(d1), 16, true);
+          }
         } else {
           SIO::store(t.exp_avg + j, n, m[2 * u], m[2 * u + 1]);
           SIO::store(t.exp_avg_sq + j, n, v[2 * u], v[2 * u + 1]);
@@ -97,7 +98,12 @@ void adam_kernel(const std::vector<AdamPtrs<P, S, AverageT<P, MASTER, SR>, typen
   run_chunks(numels, [&](const Chunk& ch) {
     const auto& t = ptrs[ch.tensor];
     const auto& c = *t.coefs;
-    for_units<kUnit>(ch, [&](int64_t i, int64_t n, auto u_tag) { units(t, c, i, n, u_tag); });
+    auto body = [&](int64_t i, int64_t n, auto u_tag) { units(t, c, i, n, u_tag); };
+    // Rounding the 16-bit state stochastically: one unit per call. With two,
+    // the random bits and both units' values outgrow the vector registers
+    // (AVX-512, ResNet-50 shapes: 0.77-0.81 of the bf16 + master step's time
+    // with one unit, 0.97 with two).
+    for_units<kUnit, decltype(body), ROUND_S ? 1 : 2>(ch, body);
   });
 }
 

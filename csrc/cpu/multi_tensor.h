@@ -15,6 +15,7 @@
 #include "fasttricks/rounding.h"
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <atomic>
 #include <string>
@@ -36,6 +37,137 @@ inline Vectorized<O> ft_max(const Vectorized<O>& a, const Vectorized<O>& b) {
 }
 
 namespace cpu {
+
+// NOTE [stochastic rounding], vectorised: the integer ops of
+// fasttricks/rounding.h on int32 lanes (wrapping multiplies; a logical shift
+// is an arithmetic one masked).
+namespace vround {
+using FVec = Vectorized<float>;
+using IVec = Vectorized<int32_t>;
+
+// Bit casts and logical shifts: single instructions where the ISA has them
+// (at::vec's generic cast goes through memory; int32 >> is arithmetic).
+C10_ALWAYS_INLINE IVec as_int(const FVec& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_castps_si512(x);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_castps_si256(x);
+#else
+  return at::vec::cast<int32_t>(x);
+#endif
+}
+
+C10_ALWAYS_INLINE FVec as_float(const IVec& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_castsi512_ps(x);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_castsi256_ps(x);
+#else
+  return at::vec::cast<float>(x);
+#endif
+}
+
+C10_ALWAYS_INLINE IVec srl(const IVec& x, int s) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_srli_epi32(x, static_cast<unsigned>(s));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_srli_epi32(x, s);
+#else
+  return (x >> IVec(s)) & IVec(static_cast<int32_t>(0xFFFFFFFFu >> s));
+#endif
+}
+
+C10_ALWAYS_INLINE IVec mix32(IVec x) {
+  x = x ^ srl(x, 16);
+  x = x * IVec(static_cast<int32_t>(0x7FEB352Du));
+  x = x ^ srl(x, 15);
+  x = x * IVec(static_cast<int32_t>(0x846CA68Bu));
+  return x ^ srl(x, 16);
+}
+
+// draw_bits of rounding.h for elements e, e + 1, ..., e + size - 1. A unit
+// never spans a multiple of 2^31 (units start at multiples of their size),
+// so the high part of the index is one scalar.
+C10_ALWAYS_INLINE IVec draw(uint32_t tensor_key, int64_t e) {
+  const uint32_t base = tensor_key ^ (static_cast<uint32_t>(static_cast<uint64_t>(e) >> 31) * 0x85EBCA6Bu);
+  const uint32_t lo = static_cast<uint32_t>(e & 0x7FFFFFFF);
+  return mix32(IVec(static_cast<int32_t>(base)) + IVec(static_cast<int32_t>(lo)) + IVec::arange(0, 1));
+}
+
+C10_ALWAYS_INLINE IVec next_word(const IVec& w) { return w * IVec(static_cast<int32_t>(rounding::kWordMul)); }
+
+// Stores the low 16 bits of the lanes of a, then b, to p[0, n).
+C10_ALWAYS_INLINE void store_low16(void* p, int64_t n, const IVec& a, const IVec& b) {
+  constexpr int64_t kW = IVec::size();
+#if defined(CPU_CAPABILITY_AVX512)
+  if (n >= 2 * kW) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(a));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p) + 1, _mm512_cvtepi32_epi16(b));
+    return;
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if (n >= 2 * kW) {  // the lanes hold 0..65535, so the saturating pack keeps them
+    const __m256i packed = _mm256_packus_epi32(a, b);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permute4x64_epi64(packed, 0xD8));
+    return;
+  }
+#endif
+  alignas(64) int32_t lanes[2 * kW];
+  a.store(lanes);
+  b.store(lanes + kW);
+  uint16_t* out = static_cast<uint16_t*>(p);
+  for (int64_t k = 0; k < std::min(n, 2 * kW); ++k) out[k] = static_cast<uint16_t>(lanes[k]);
+}
+
+// round_bf16 of rounding.h: the bf16 bits in the low half of each lane.
+C10_ALWAYS_INLINE IVec round_bf16(const FVec& x, const IVec& r, bool positive_floor) {
+#if defined(CPU_CAPABILITY_AVX512)
+  // The same, on mask registers: a third of the instructions of the generic form.
+  __m512i out = _mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(x), r), 16);
+  out = _mm512_mask_mov_epi32(out, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  if (positive_floor) {
+    const __mmask16 zero = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ) &
+                           _mm512_cmpeq_epi32_mask(out, _mm512_setzero_si512());
+    out = _mm512_mask_mov_epi32(out, zero, _mm512_set1_epi32(1));
+  }
+  return out;
+#else
+  IVec out = srl(as_int(x) + r, 16);
+  out = IVec::blendv(out, IVec(0x7FC0), as_int(x != x));  // NaN: the canonical quiet NaN
+  if (positive_floor) {
+    out = IVec::blendv(out, IVec(1), as_int(x > FVec(0.0f)) & (out == IVec(0)));
+  }
+  return out;
+#endif
+}
+
+C10_ALWAYS_INLINE IVec half(const IVec& bits, int shift) {
+  return shift ? srl(bits, 16) : (bits & IVec(0xFFFF));
+}
+
+// round_fp16 of rounding.h, as the fp32 values (exact in fp16) that the
+// store then converts.
+C10_ALWAYS_INLINE FVec round_fp16(const FVec& x, const IVec& r, bool positive_floor) {
+  const IVec b = as_int(x);
+  FVec out;
+  {
+    IVec e = srl(b, 23) & IVec(0xFF);
+    e = at::vec::minimum(at::vec::maximum(e - IVec(127), IVec(-14)), IVec(15)) - IVec(10);  // ulp exponent
+    const FVec scale = as_float((IVec(127) - e) << IVec(23));
+    const FVec unscale = as_float((IVec(127) + e) << IVec(23));
+    const FVec q = x * scale;
+    const FVec fl = q.floor();
+    const FVec up = FVec::blendv(FVec(0.0f), FVec(1.0f), at::vec::convert_to_fp_of_same_size<float>(r) < (q - fl) * FVec(65536.0f));
+    out = (fl + up) * unscale;
+  }
+  if (positive_floor) {
+    out = FVec::blendv(out, FVec(5.9604644775390625e-08f), (x > FVec(0.0f)) & (out == FVec(0.0f)));
+  }
+  return out;
+}
+}  // namespace vround
+
+using Draws = std::array<vround::IVec, 2>;
 
 template <typename S> struct OpMath { using type = S; };
 template <> struct OpMath<c10::BFloat16> { using type = float; };
@@ -90,24 +222,18 @@ struct VecIO {
   }
 
   // NOTE [stochastic rounding]: stores a unit of a 16-bit S rounded
-  // stochastically with the random bits draws[k] >> shift (shift 0: the low
-  // half, 16: the high half); a wider S is stored as store() does.
-  static inline void store_rounded(S* p, int64_t n, const OVec& a, const OVec& b, const uint32_t* draws,
-                                   int shift, bool positive_floor) {
-    if constexpr (std::is_same_v<S, c10::BFloat16> || std::is_same_v<S, c10::Half>) {
-      alignas(64) float x[kUnit];
-      a.store(x);
-      b.store(x + kWidth);
-      alignas(64) S out[kUnit];
-      for (int64_t k = 0; k < kUnit; ++k) {
-        const uint32_t r = (draws[k] >> shift) & 0xFFFFu;
-        if constexpr (std::is_same_v<S, c10::BFloat16>) {
-          out[k] = S(rounding::round_bf16(x[k], r, positive_floor), S::from_bits());
-        } else {
-          out[k] = S(rounding::round_fp16(x[k], r, positive_floor));  // exact (or inf)
-        }
-      }
-      std::memcpy(p, out, sizeof(S) * std::min(n, kUnit));
+  // stochastically with the random bits of `draws` (shift 0: their low half,
+  // 16: their high half); a wider S is stored as store() does. bf16 is
+  // packed from the rounded bits; fp16 rounded values are exact in fp16, so
+  // the conversion of store() writes them as they are.
+  C10_ALWAYS_INLINE static void store_rounded(S* p, int64_t n, const OVec& a, const OVec& b, const Draws& draws,
+                                              int shift, bool positive_floor) {
+    if constexpr (std::is_same_v<S, c10::BFloat16>) {
+      vround::store_low16(p, n, vround::round_bf16(a, vround::half(draws[0], shift), positive_floor),
+                          vround::round_bf16(b, vround::half(draws[1], shift), positive_floor));
+    } else if constexpr (std::is_same_v<S, c10::Half>) {
+      store(p, n, vround::round_fp16(a, vround::half(draws[0], shift), positive_floor),
+            vround::round_fp16(b, vround::half(draws[1], shift), positive_floor));
     } else {
       store(p, n, a, b);
     }
@@ -129,12 +255,15 @@ struct VecIO {
   }
 };
 
-// The random bits of draw d for elements [e, e + kUnit) of a tensor (NOTE
-// [stochastic rounding]); a plain loop the compiler vectorizes.
-template <int64_t kUnit>
-inline void draw_unit(uint32_t tensor_key, int64_t e, uint32_t d, uint32_t* out) {
-  for (int64_t k = 0; k < kUnit; ++k) out[k] = rounding::draw_bits(tensor_key, e + k, d);
+// word0 of the random bits of the 2 * Vectorized<float>::size() elements of
+// a unit starting at element e of a tensor (NOTE [stochastic rounding]).
+C10_ALWAYS_INLINE Draws draw_unit(uint32_t tensor_key, int64_t e) {
+  constexpr int64_t kW = vround::IVec::size();
+  return {vround::draw(tensor_key, e), vround::draw(tensor_key, e + kW)};
 }
+
+// The next word: each lane times rounding::kWordMul.
+C10_ALWAYS_INLINE Draws next_word(const Draws& d) { return {vround::next_word(d[0]), vround::next_word(d[1])}; }
 
 struct Chunk {
   int64_t tensor, begin, end;
@@ -192,10 +321,12 @@ void run_chunks(const std::vector<int64_t>& numels, const F& fn) {
 // they fit (the kernels issue both units' loads before any store, so more
 // lines are in flight), then single units for the tail:
 // f(first element, elements per unit, std::integral_constant<int, units>).
-template <int64_t kUnit, typename F>
+template <int64_t kUnit, typename F, int kMaxUnits = 2>
 inline void for_units(const Chunk& ch, const F& f) {
   int64_t i = ch.begin;
-  for (; i + 2 * kUnit <= ch.end; i += 2 * kUnit) f(i, kUnit, std::integral_constant<int, 2>{});
+  if constexpr (kMaxUnits == 2) {
+    for (; i + 2 * kUnit <= ch.end; i += 2 * kUnit) f(i, kUnit, std::integral_constant<int, 2>{});
+  }
   for (; i < ch.end; i += kUnit) f(i, std::min(kUnit, ch.end - i), std::integral_constant<int, 1>{});
 }
 

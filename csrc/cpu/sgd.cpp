@@ -59,8 +59,7 @@ void sgd_kernel(const std::vector<SgdPtrs<P, S, AverageT<P, MASTER, SR>>>& ptrs,
     for (int u = 0; u < U; ++u) {
       const int64_t j = i + u * kUnit;
       if constexpr (ROUND_S || ROUND_P) {
-        alignas(64) uint32_t d0[kUnit];  // draw 0: (param, momentum buffer)
-        draw_unit<kUnit>(t.key, j, 0, d0);
+        const Draws d0 = draw_unit(t.key, j);  // word0: param (low half), momentum buffer (high)
         if constexpr (MOMENTUM) SIO::store_rounded(t.buf + j, n, b[2 * u], b[2 * u + 1], d0, 16, false);
         PIO::store_rounded(t.param + j, n, w[2 * u], w[2 * u + 1], d0, 0, false);
       } else {

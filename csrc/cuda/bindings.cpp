@@ -41,11 +41,13 @@ void adam_step(const at::Tensor& ptrs, const at::Tensor& numels, const at::Tenso
                at::ScalarType state_dtype, double lr, const std::optional<at::Tensor>& lr_tensor,
                double beta1, double beta2, double eps, double weight_decay, double grad_mul,
                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-               double avg_coef, bool amsgrad, bool decoupled, bool average) {
+               double avg_coef, bool amsgrad, bool decoupled, bool average, bool master, bool stochastic_rounding,
+               int64_t round_key) {
   const c10::cuda::CUDAGuard guard(ptrs.device());
   ftc::AdamArgs a{lr, opt_ptr(lr_tensor), 1.0 - beta1, 1.0 - beta2, eps, weight_decay,
                   grad_mul, avg_coef, opt_ptr(grad_scale), opt_ptr(found_inf), amsgrad,
-                  decoupled, average, to_dtype(param_dtype), to_dtype(state_dtype)};
+                  decoupled, average, to_dtype(param_dtype), to_dtype(state_dtype), master, stochastic_rounding,
+                  static_cast<uint32_t>(round_key)};
   const auto err = ftc::launch_adam(make_tables(ptrs, numels, chunk_tensor, chunk_start, n_tensors), a,
                                     c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "fasttricks adam kernel: ", cudaGetErrorString(err));
@@ -56,11 +58,13 @@ void sgd_step(const at::Tensor& ptrs, const at::Tensor& numels, const at::Tensor
               at::ScalarType state_dtype, double lr, const std::optional<at::Tensor>& lr_tensor,
               double weight_decay, double momentum, double dampening, double grad_mul,
               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-              double avg_coef, bool nesterov, bool decoupled, bool average) {
+              double avg_coef, bool nesterov, bool decoupled, bool average, bool master, bool stochastic_rounding,
+              int64_t round_key) {
   const c10::cuda::CUDAGuard guard(ptrs.device());
   ftc::SgdArgs a{lr, opt_ptr(lr_tensor), weight_decay, momentum, dampening,
                  grad_mul, avg_coef, opt_ptr(grad_scale), opt_ptr(found_inf), momentum != 0.0,
-                 nesterov, decoupled, average, to_dtype(param_dtype), to_dtype(state_dtype)};
+                 nesterov, decoupled, average, to_dtype(param_dtype), to_dtype(state_dtype), master,
+                 stochastic_rounding, static_cast<uint32_t>(round_key)};
   const auto err = ftc::launch_sgd(make_tables(ptrs, numels, chunk_tensor, chunk_start, n_tensors), a,
                                    c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "fasttricks sgd kernel: ", cudaGetErrorString(err));

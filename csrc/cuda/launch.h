@@ -36,6 +36,8 @@ struct AdamArgs {
   const float* found_inf;   // may be null
   bool amsgrad, decoupled, average;
   DType param, state;
+  bool master, stochastic_rounding;  // docs/precision.md
+  uint32_t round_key;                // NOTE [stochastic rounding]: the step's key
 };
 
 struct SgdArgs {
@@ -46,6 +48,8 @@ struct SgdArgs {
   const float* found_inf;
   bool momentum_on, nesterov, decoupled, average;
   DType param, state;
+  bool master, stochastic_rounding;
+  uint32_t round_key;
 };
 
 // Return cudaSuccess or the launch error (reported by the binding).

@@ -47,24 +47,36 @@ __device__ __forceinline__ bool chunk_prologue(const Tables& tb, const Args& a, 
   return true;
 }
 
+// The running average's element type: fp32 for 16-bit params with a master
+// copy or stochastic rounding, else the param's (docs/precision.md).
+template <typename P, bool MASTER, bool SR>
+using AverageT = std::conditional_t<MASTER || SR, typename Math<P>::type, P>;
+
 // What both write back per element: the fp32 master, the param (the master
-// rounded), and the running average (NOTE [weight averaging lerp]).
-template <bool MASTER, bool AVERAGE, typename P, typename S, typename O>
-__device__ __forceinline__ void store_weights(P* param, S* master, S* avg, int64_t i, O w, O avg_coef) {
+// rounded, or w rounded stochastically with the random r0), and the running
+// average (NOTE [weight averaging lerp]).
+template <bool MASTER, bool SR, bool AVERAGE, typename P, typename S, typename A, typename O>
+__device__ __forceinline__ void store_weights(P* param, S* master, A* avg, int64_t i, O w, O avg_coef, uint32_t r0) {
   if (MASTER) master[i] = from_math<S>(w);
-  param[i] = from_math<P>(w);
+  param[i] = from_math_rounded<P, SR && !MASTER>(w, r0, false);
   if (AVERAGE) {
     O av = to_math<O>(avg[i]);
     average_update(av, w, avg_coef);
-    avg[i] = from_math<S>(av);
+    avg[i] = from_math<A>(av);
   }
 }
 
+// NOTE [stochastic rounding]: this tensor's key this step (0 when off).
+template <bool SR>
+__device__ __forceinline__ uint32_t tensor_key(const Tables& tb, int key_row, int64_t t, uint32_t round_key) {
+  return SR ? rounding::tensor_key(round_key, tb.ptrs[key_row * tb.n_tensors + t]) : 0u;
+}
+
 // Rows: NOTE [pointer table] (fasttricks/table.h), table::adam.
-template <typename P, typename S, bool AMSGRAD, bool DECOUPLED, bool AVERAGE>
+template <typename P, typename S, bool MASTER, bool SR, bool AMSGRAD, bool DECOUPLED, bool AVERAGE>
 __global__ void __launch_bounds__(kThreads) adam_kernel(Tables tb, AdamArgs a) {
   using O = typename Math<S>::type;
-  constexpr bool MASTER = !std::is_same_v<P, S>;
+  using A = AverageT<P, MASTER, SR>;
   ChunkStep ch;
   if (!chunk_prologue(tb, a, ch)) return;
   const int64_t t = ch.t;
@@ -77,7 +89,8 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(Tables tb, AdamArgs a) {
   S* v_ptr = row<S>(tb, R::kExpAvgSq, t);
   S* vmax_ptr = row<S>(tb, R::kMaxExpAvgSq, t);
   S* master = row<S>(tb, R::kMaster, t);
-  S* avg = row<S>(tb, R::kAvg, t);
+  A* avg = row<A>(tb, R::kAvg, t);
+  const uint32_t key = tensor_key<SR>(tb, R::kKey, t, a.round_key);
   const double step = *row<const float>(tb, R::kStep, t);
   // Coefficients in double: 1 - beta2^t cancels badly in float.
   const double b1 = 1.0 - a.one_minus_beta1, b2 = 1.0 - a.one_minus_beta2;
@@ -98,18 +111,21 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(Tables tb, AdamArgs a) {
     O m = to_math<O>(m_ptr[i]), v = to_math<O>(v_ptr[i]);
     O vmax = AMSGRAD ? to_math<O>(vmax_ptr[i]) : O(0);
     adam_update<AMSGRAD, DECOUPLED>(w, to_math<O>(grad[i]), m, v, vmax, c);
-    m_ptr[i] = from_math<S>(m);
-    v_ptr[i] = from_math<S>(v);
-    if (AMSGRAD) vmax_ptr[i] = from_math<S>(vmax);
-    store_weights<MASTER, AVERAGE>(param, master, avg, i, w, O(a.avg_coef));
+    // word0: param (low half), exp_avg (high); word1: exp_avg_sq; word2: max_exp_avg_sq.
+    const uint32_t d0 = SR ? rounding::draw_bits(key, i) : 0u;
+    const uint32_t d1 = d0 * rounding::kWordMul;
+    m_ptr[i] = from_math_rounded<S, SR>(m, d0 >> 16, false);
+    v_ptr[i] = from_math_rounded<S, SR>(v, d1 >> 16, true);
+    if (AMSGRAD) vmax_ptr[i] = from_math_rounded<S, SR>(vmax, (d1 * rounding::kWordMul) >> 16, true);
+    store_weights<MASTER, SR, AVERAGE>(param, master, avg, i, w, O(a.avg_coef), d0 & 0xFFFFu);
   }
 }
 
 // Rows: NOTE [pointer table] (fasttricks/table.h), table::sgd.
-template <typename P, typename S, bool MOMENTUM, bool NESTEROV, bool DECOUPLED, bool AVERAGE>
+template <typename P, typename S, bool MASTER, bool SR, bool MOMENTUM, bool NESTEROV, bool DECOUPLED, bool AVERAGE>
 __global__ void __launch_bounds__(kThreads) sgd_kernel(Tables tb, SgdArgs a) {
   using O = typename Math<S>::type;
-  constexpr bool MASTER = !std::is_same_v<P, S>;
+  using A = AverageT<P, MASTER, SR>;
   ChunkStep ch;
   if (!chunk_prologue(tb, a, ch)) return;
   const int64_t t = ch.t;
@@ -119,7 +135,8 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(Tables tb, SgdArgs a) {
   const P* grad = row<const P>(tb, R::kGrad, t);
   S* buf_ptr = row<S>(tb, R::kMomentumBuffer, t);
   S* master = row<S>(tb, R::kMaster, t);
-  S* avg = row<S>(tb, R::kAvg, t);
+  A* avg = row<A>(tb, R::kAvg, t);
+  const uint32_t key = tensor_key<SR>(tb, R::kKey, t, a.round_key);
   const bool first = tb.ptrs[R::kFirst * tb.n_tensors + t] != 0;
   const SgdCoefs<O> c = make_sgd_coefs<O>(O(ch.lr), O(a.weight_decay), DECOUPLED, O(a.momentum),
                                           O(a.dampening), O(ch.grad_mul));
@@ -127,20 +144,42 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(Tables tb, SgdArgs a) {
     O w = MASTER ? to_math<O>(master[i]) : to_math<O>(param[i]);
     O buf = (MOMENTUM && !first) ? to_math<O>(buf_ptr[i]) : O(0);
     sgd_update<MOMENTUM, NESTEROV, DECOUPLED>(w, to_math<O>(grad[i]), buf, first, c);
-    if (MOMENTUM) buf_ptr[i] = from_math<S>(buf);
-    store_weights<MASTER, AVERAGE>(param, master, avg, i, w, O(a.avg_coef));
+    const uint32_t d0 = SR ? rounding::draw_bits(key, i) : 0u;  // word0: param (low half), momentum buffer (high)
+    if (MOMENTUM) buf_ptr[i] = from_math_rounded<S, SR>(buf, d0 >> 16, false);
+    store_weights<MASTER, SR, AVERAGE>(param, master, avg, i, w, O(a.avg_coef), d0 & 0xFFFFu);
   }
 }
 
+// The (param, state) dtype pairs, as csrc/cpu/multi_tensor.h's dispatch_dtypes.
 template <typename F>
 bool dispatch_dtypes(DType p, DType s, const F& f) {
+  using BF = __nv_bfloat16;
   if (p == DType::kFloat && s == DType::kFloat) return f(float{}, float{}), true;
   if (p == DType::kDouble && s == DType::kDouble) return f(double{}, double{}), true;
-  if (p == DType::kBFloat16 && s == DType::kBFloat16) return f(__nv_bfloat16{}, __nv_bfloat16{}), true;
+  if (p == DType::kBFloat16 && s == DType::kBFloat16) return f(BF{}, BF{}), true;
   if (p == DType::kHalf && s == DType::kHalf) return f(__half{}, __half{}), true;
-  if (p == DType::kBFloat16 && s == DType::kFloat) return f(__nv_bfloat16{}, float{}), true;
+  if (p == DType::kBFloat16 && s == DType::kFloat) return f(BF{}, float{}), true;
   if (p == DType::kHalf && s == DType::kFloat) return f(__half{}, float{}), true;
+  if (p == DType::kFloat && s == DType::kBFloat16) return f(float{}, BF{}), true;
+  if (p == DType::kHalf && s == DType::kBFloat16) return f(__half{}, BF{}), true;
   return false;
+}
+
+// f(master, stochastic rounding) as compile-time flags where they mean
+// something (as the CPU's dispatch_precision); false for a bad combination.
+template <typename P, typename S, typename F>
+bool dispatch_precision(bool master, bool sr, const F& f) {
+  constexpr bool kLowP = !std::is_same_v<P, float> && !std::is_same_v<P, double>;
+  constexpr bool kLowS = !std::is_same_v<S, float> && !std::is_same_v<S, double>;
+  constexpr bool kCanMaster = kLowP && std::is_same_v<S, float>;
+  if (master && (sr || !kCanMaster)) return false;
+  if constexpr (kCanMaster) {
+    if (master) return f(std::true_type{}, std::false_type{}), true;
+  }
+  if constexpr (kLowP || kLowS) {
+    if (sr) return f(std::false_type{}, std::true_type{}), true;
+  }
+  return f(std::false_type{}, std::false_type{}), true;
 }
 
 template <typename F>
@@ -155,14 +194,17 @@ constexpr bool kOn = std::decay_t<B>::value;
 
 cudaError_t launch_adam(const Tables& tb, const AdamArgs& a, cudaStream_t stream) {
   if (tb.n_chunks == 0) return cudaSuccess;
-  const bool ok = dispatch_dtypes(a.param, a.state, [&](auto p, auto s) {
+  bool ok = false;
+  dispatch_dtypes(a.param, a.state, [&](auto p, auto s) {
     using P = decltype(p);
     using S = decltype(s);
-    dispatch_bool(a.amsgrad, [&](auto ams) {
-      dispatch_bool(a.decoupled, [&](auto dec) {
-        dispatch_bool(a.average, [&](auto avg) {
-          adam_kernel<P, S, kOn<decltype(ams)>, kOn<decltype(dec)>, kOn<decltype(avg)>>
-              <<<static_cast<unsigned>(tb.n_chunks), kThreads, 0, stream>>>(tb, a);
+    ok = dispatch_precision<P, S>(a.master, a.stochastic_rounding, [&](auto master, auto sr) {
+      dispatch_bool(a.amsgrad, [&](auto ams) {
+        dispatch_bool(a.decoupled, [&](auto dec) {
+          dispatch_bool(a.average, [&](auto avg) {
+            adam_kernel<P, S, kOn<decltype(master)>, kOn<decltype(sr)>, kOn<decltype(ams)>, kOn<decltype(dec)>,
+                        kOn<decltype(avg)>><<<static_cast<unsigned>(tb.n_chunks), kThreads, 0, stream>>>(tb, a);
+          });
         });
       });
     });
@@ -172,17 +214,21 @@ cudaError_t launch_adam(const Tables& tb, const AdamArgs& a, cudaStream_t stream
 
 cudaError_t launch_sgd(const Tables& tb, const SgdArgs& a, cudaStream_t stream) {
   if (tb.n_chunks == 0) return cudaSuccess;
-  const bool ok = dispatch_dtypes(a.param, a.state, [&](auto p, auto s) {
+  bool ok = false;
+  dispatch_dtypes(a.param, a.state, [&](auto p, auto s) {
     using P = decltype(p);
     using S = decltype(s);
-    dispatch_bool(a.momentum_on, [&](auto mom) {
-      dispatch_bool(a.nesterov && a.momentum_on, [&](auto nes) {
-        dispatch_bool(a.decoupled, [&](auto dec) {
-          dispatch_bool(a.average, [&](auto avg) {
-            if constexpr (kOn<decltype(mom)> || !kOn<decltype(nes)>) {
-              sgd_kernel<P, S, kOn<decltype(mom)>, kOn<decltype(nes)>, kOn<decltype(dec)>, kOn<decltype(avg)>>
-                  <<<static_cast<unsigned>(tb.n_chunks), kThreads, 0, stream>>>(tb, a);
-            }
+    ok = dispatch_precision<P, S>(a.master, a.stochastic_rounding, [&](auto master, auto sr) {
+      dispatch_bool(a.momentum_on, [&](auto mom) {
+        dispatch_bool(a.nesterov && a.momentum_on, [&](auto nes) {
+          dispatch_bool(a.decoupled, [&](auto dec) {
+            dispatch_bool(a.average, [&](auto avg) {
+              if constexpr (kOn<decltype(mom)> || !kOn<decltype(nes)>) {
+                sgd_kernel<P, S, kOn<decltype(master)>, kOn<decltype(sr)>, kOn<decltype(mom)>, kOn<decltype(nes)>,
+                           kOn<decltype(dec)>, kOn<decltype(avg)>>
+                    <<<static_cast<unsigned>(tb.n_chunks), kThreads, 0, stream>>>(tb, a);
+              }
+            });
           });
         });
       });

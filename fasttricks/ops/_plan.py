@@ -49,17 +49,6 @@ def local_shards(tensors):
     return None if tensors is None else [t._local_tensor if is_dtensor(t) else t for t in tensors]
 
 
-def check_cuda_precision(op: str, param_dtype, slots: dict, rounding) -> None:
-    """The CUDA kernels serve the classic precisions: state in the param's
-    dtype, or fp32 master weights. Stochastic rounding and the other state
-    dtypes run on the Triton backend (backend="auto" picks it for them)."""
-    state = next((ts[0].dtype for name, ts in slots.items() if name != "master" and ts), None)
-    master = bool(slots.get("master"))
-    if rounding is not None or (state is not None and state != (torch.float32 if master else param_dtype)):
-        raise NotImplementedError(f"{op}: the cuda backend has no stochastic rounding or {state} state for "
-                                  f"{param_dtype} params; use backend='triton' (or 'auto')")
-
-
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 

@@ -28,7 +28,7 @@ import torch
 from fasttricks import _backends
 from fasttricks._table import ADAM_ROWS, grad_multiplier, scalar_arg
 from fasttricks.ops._device import DevicePlan
-from fasttricks.ops._plan import (PlanBase, check_cuda_precision, found_inf_set, inv_grad_scale, local_shards,
+from fasttricks.ops._plan import (PlanBase, found_inf_set, inv_grad_scale, local_shards,
                                   opmath_dtype)
 from fasttricks.ops.rounding import HIGH_BITS, LOW_BITS, round_into_, tensor_key
 
@@ -84,12 +84,12 @@ def adam_reference_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
             key = tensor_key(round_key, rounding[i]) if rounding is not None else None
             if amsgrad:
                 vmax = torch.maximum(max_exp_avg_sqs[i].to(op), v)
-                round_into_(max_exp_avg_sqs[i], vmax, key, 1, HIGH_BITS, positive_floor=True)
+                round_into_(max_exp_avg_sqs[i], vmax, key, 2, HIGH_BITS, positive_floor=True)
                 second = vmax
             denom = _sqrt_rn(second) * (1 / math.sqrt(1 - beta2**t)) + eps
             w.sub_((m * (lr / (1 - beta1**t))) / denom)
             round_into_(exp_avgs[i], m, key, 0, HIGH_BITS)
-            round_into_(exp_avg_sqs[i], v, key, 1, LOW_BITS, positive_floor=True)
+            round_into_(exp_avg_sqs[i], v, key, 1, HIGH_BITS, positive_floor=True)
             if master is None:
                 round_into_(p, w, key, 0, LOW_BITS)
             else:
@@ -147,15 +147,15 @@ class DeviceAdamPlan(DevicePlan):
 
 
 def launch_cuda_adam(tables, hyper, *, param_dtype, state_dtype, avg_dtype, master, stochastic_rounding, grad_scale,
-                     found_inf, avg_coef, amsgrad,
-                     decoupled, average, device):
+                     found_inf, avg_coef, amsgrad, decoupled, average, device):
     """The CUDA backend's launch: the extension's binding, called as kernels/adam.py's launch_adam is."""
     ptrs, numels, chunk_tensor, chunk_start, n, _ = tables
     lr_value, lr_tensor = scalar_arg(hyper.lr, device)
     _backends.cuda_ext().adam_step(ptrs, numels, chunk_tensor, chunk_start, n, param_dtype, state_dtype,
                                    lr_value, lr_tensor, float(hyper.beta1), float(hyper.beta2), float(hyper.eps),
                                    float(hyper.weight_decay), grad_multiplier(hyper), grad_scale, found_inf,
-                                   float(avg_coef), amsgrad, decoupled, average)
+                                   float(avg_coef), amsgrad, decoupled, average, master, stochastic_rounding,
+                                   int(hyper.round_key))
 
 
 def make_adam_plan(backend: str, params, steps, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters,
@@ -179,6 +179,5 @@ def make_adam_plan(backend: str, params, steps, exp_avgs, exp_avg_sqs, max_exp_a
 
         return DeviceAdamPlan(*args, amsgrad, decoupled, launch_adam, rounding)
     if backend == "cuda":
-        check_cuda_precision("Adam", args[0][0].dtype, {"exp_avg": args[2], "master": args[5]}, rounding)
         return DeviceAdamPlan(*args, amsgrad, decoupled, launch_cuda_adam, rounding)
     raise ValueError(f"Invalid backend: {backend!r}")

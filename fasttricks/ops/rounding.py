@@ -6,22 +6,26 @@ A value x computed in fp32 is written to a bf16/fp16 tensor rounded up (away
 from zero) with probability equal to the fraction of an ulp it lies above
 the value below it, so that E[round(x)] = x and updates far smaller than an
 ulp still move the weights on average. The 16 random bits of each rounding
-come from a counter-based hash of (seed, step, param index, element index,
-draw): a run is reproducible, the same on every backend, and the same on
-every data-parallel rank without communication.
+come from a counter-based hash of (seed, step, param index, element index):
+a run is reproducible, the same on every backend, and the same on every
+data-parallel rank without communication.
 
 Keys, all uint32 (Python ints here, int64 tensors holding uint32 values in
 the reference kernels):
 
     step_key   = mix(mix(seed_lo ^ mix(seed_hi)) + step)          on the host, once per step
     tensor_key = mix(step_key ^ mix(param_index))                 once per tensor
-    bits(e, d) = mix(tensor_key ^ hi(e) * 0x85EBCA6B + (lo31(e) << 1 | d))   per element e, draw d
+    word0(e)   = mix((tensor_key ^ hi(e) * 0x85EBCA6B) + lo31(e)) per element e
+    word1(e)   = word0(e) * 0x9E3779B1,  word2(e) = word1(e) * 0x9E3779B1
 
 where mix is the "lowbias32" integer hash (two multiplies, three xor-shifts),
-hi(e) = e >> 31 and lo31(e) = e & 0x7FFFFFFF. Each 32-bit draw gives two
-16-bit random numbers: the low half rounds the first tensor of the pair, the
-high half the second. Draw 0: (param, exp_avg / momentum_buffer); draw 1:
-(exp_avg_sq, max_exp_avg_sq).
+hi(e) = e >> 31 and lo31(e) = e & 0x7FFFFFFF, all mod 2**32. One hash per
+element serves every tensor the step writes (the hash is most of the cost of
+a rounding on the CPU): the param takes the low 16 bits of word0, exp_avg or
+the momentum buffer its high 16 bits, exp_avg_sq the high 16 bits of word1,
+max_exp_avg_sq those of word2. Multiplying by an odd constant is a bijection,
+so each 16-bit number is uniform; only the high halves of word1 and word2
+depend on all of word0 (their low halves would just permute the param's).
 """
 from __future__ import annotations
 
@@ -34,7 +38,8 @@ __all__ = ["mix32", "step_key", "tensor_key", "random_bits", "stochastic_round",
 MASK = 0xFFFFFFFF
 M1, M2 = 0x7FEB352D, 0x846CA68B
 HI_MUL = 0x85EBCA6B
-LOW_BITS, HIGH_BITS = 0, 1  # which half of a draw a tensor takes
+WORD_MUL = 0x9E3779B1
+LOW_BITS, HIGH_BITS = 0, 1  # which half of a word a tensor takes
 
 
 def mix32(x: int) -> int:
@@ -83,12 +88,14 @@ def element_index(t: torch.Tensor) -> torch.Tensor:
     return torch.arange(t.numel(), dtype=torch.int64, device=t.device).view(t.shape)
 
 
-def random_bits(key: int, e: torch.Tensor, draw: int) -> torch.Tensor:
-    """The 32 random bits of `draw` for the elements with indices `e` (int64)
-    of the tensor with tensor key `key`, as an int64 tensor."""
+def random_bits(key: int, e: torch.Tensor, word: int) -> torch.Tensor:
+    """Word `word` (0, 1, 2) of the random bits of the elements with indices
+    `e` (int64) of the tensor with tensor key `key`, as an int64 tensor."""
     hi = ((e >> 31) * HI_MUL) & MASK
-    ctr = ((e & 0x7FFFFFFF) << 1) | draw
-    return _mix32_t(((key ^ hi) + ctr) & MASK)
+    bits = _mix32_t(((key ^ hi) + (e & 0x7FFFFFFF)) & MASK)
+    for _ in range(word):
+        bits = _mul32(bits, WORD_MUL)
+    return bits
 
 
 def half_bits(bits: torch.Tensor, half: int) -> torch.Tensor:
@@ -106,8 +113,7 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, r16: torch.Tensor, pos
         # carry rounds the magnitude up with probability (dropped bits) / 2**16.
         bits = x.view(torch.int32).to(torch.int64) & MASK
         up = ((bits + r16) & 0xFFFF0000) >> 16
-        nan_bits = (bits >> 16) | 0x0040  # quiet NaN, sign kept
-        out16 = torch.where(torch.isnan(x), nan_bits, up)
+        out16 = torch.where(torch.isnan(x), torch.full_like(up, 0x7FC0), up)  # NaN: the canonical quiet NaN
         if positive_floor:
             out16 = torch.where((x > 0) & (out16 == 0), torch.ones_like(out16), out16)
         out16 = torch.where(out16 >= 0x8000, out16 - 0x10000, out16)  # as int16
@@ -131,12 +137,12 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, r16: torch.Tensor, pos
     raise TypeError(f"stochastic rounding writes bf16 or fp16, not {dtype}")
 
 
-def round_into_(dst: torch.Tensor, x: torch.Tensor, key: int | None, draw: int, half: int,
+def round_into_(dst: torch.Tensor, x: torch.Tensor, key: int | None, word: int, half: int,
                 positive_floor: bool = False) -> None:
     """dst.copy_(x), stochastically rounded when `key` (a tensor key) is given
     and dst is bf16/fp16; rounded to nearest otherwise."""
     if key is None or dst.dtype not in (torch.bfloat16, torch.float16):
         dst.copy_(x)
         return
-    r16 = half_bits(random_bits(key, element_index(dst), draw), half)
+    r16 = half_bits(random_bits(key, element_index(dst), word), half)
     dst.copy_(stochastic_round(x.detach().to(torch.float32).expand_as(dst), dst.dtype, r16, positive_floor))

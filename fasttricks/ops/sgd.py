@@ -25,7 +25,7 @@ import torch
 from fasttricks import _backends
 from fasttricks._table import SGD_ROWS, grad_multiplier, scalar_arg
 from fasttricks.ops._device import DevicePlan
-from fasttricks.ops._plan import (PlanBase, check_cuda_precision, found_inf_set, inv_grad_scale, local_shards,
+from fasttricks.ops._plan import (PlanBase, found_inf_set, inv_grad_scale, local_shards,
                                   opmath_dtype)
 from fasttricks.ops.rounding import HIGH_BITS, LOW_BITS, round_into_, tensor_key
 
@@ -139,15 +139,15 @@ class DeviceSgdPlan(DevicePlan):
 
 
 def launch_cuda_sgd(tables, hyper, *, param_dtype, state_dtype, avg_dtype, master, stochastic_rounding, grad_scale,
-                     found_inf, avg_coef, nesterov,
-                    decoupled, average, device):
+                    found_inf, avg_coef, nesterov, decoupled, average, device):
     """The CUDA backend's launch: the extension's binding, called as kernels/sgd.py's launch_sgd is."""
     ptrs, numels, chunk_tensor, chunk_start, n, _ = tables
     lr_value, lr_tensor = scalar_arg(hyper.lr, device)
     _backends.cuda_ext().sgd_step(ptrs, numels, chunk_tensor, chunk_start, n, param_dtype, state_dtype,
                                   lr_value, lr_tensor, float(hyper.weight_decay), float(hyper.momentum),
                                   float(hyper.dampening), grad_multiplier(hyper), grad_scale, found_inf,
-                                  float(avg_coef), nesterov, decoupled, average)
+                                  float(avg_coef), nesterov, decoupled, average, master, stochastic_rounding,
+                                  int(hyper.round_key))
 
 
 def make_sgd_plan(backend: str, params, momentum_buffers, masters, first_step, *, nesterov: bool,
@@ -171,6 +171,5 @@ def make_sgd_plan(backend: str, params, momentum_buffers, masters, first_step, *
 
         return DeviceSgdPlan(*args, nesterov, decoupled, launch_sgd, rounding)
     if backend == "cuda":
-        check_cuda_precision("SGD", args[0][0].dtype, {"momentum_buffer": args[1], "master": args[2]}, rounding)
         return DeviceSgdPlan(*args, nesterov, decoupled, launch_cuda_sgd, rounding)
     raise ValueError(f"Invalid backend: {backend!r}")

@@ -185,15 +185,9 @@ class PlanCache:
 
 
 def backend_for(group, device, cache: dict) -> str:
-    """The concrete backend of `group` for `device` (resolved once per build).
-    "auto" leaves the cuda backend for Triton where the group asks for a
-    precision only Triton's kernels have (ops._plan.check_cuda_precision)."""
+    """The concrete backend of `group` for `device` (resolved once per build)."""
     if device not in cache:
-        backend = _backends.resolve(group["backend"], device)
-        if (backend == "cuda" and group["backend"] == "auto" and _backends.available("triton", device) is None
-                and (rounds_stochastically(group) or group.get("state_dtype") is not None)):
-            backend = "triton"
-        cache[device] = backend
+        cache[device] = _backends.resolve(group["backend"], device)
     return cache[device]
 
 

@@ -36,12 +36,14 @@ FT_HD uint32_t tensor_key(uint32_t step_key, int64_t param_index) {
   return mix32(step_key ^ mix32(static_cast<uint32_t>(param_index)));
 }
 
-// 32 random bits for element e of a tensor and draw d (0 or 1): the low 16
-// bits round the draw's first tensor, the high 16 its second.
-FT_HD uint32_t draw_bits(uint32_t tensor_key, int64_t e, uint32_t d) {
+// word0: 32 random bits for element e of a tensor. The param takes its low
+// 16 bits, exp_avg / the momentum buffer its high 16; exp_avg_sq the high
+// 16 of word1 = word0 * kWordMul, max_exp_avg_sq those of word2 = word1 * kWordMul.
+constexpr uint32_t kWordMul = 0x9E3779B1u;
+
+FT_HD uint32_t draw_bits(uint32_t tensor_key, int64_t e) {
   const uint32_t hi = static_cast<uint32_t>(static_cast<uint64_t>(e) >> 31) * 0x85EBCA6Bu;
-  const uint32_t ctr = (static_cast<uint32_t>(e & 0x7FFFFFFF) << 1) | d;
-  return mix32((tensor_key ^ hi) + ctr);
+  return mix32((tensor_key ^ hi) + static_cast<uint32_t>(e & 0x7FFFFFFF));
 }
 
 FT_HD uint32_t float_bits(float x) {
@@ -61,7 +63,7 @@ FT_HD float bits_float(uint32_t b) {
 // smallest positive bf16.
 FT_HD uint16_t round_bf16(float x, uint32_t r, bool positive_floor) {
   const uint32_t b = float_bits(x);
-  if (x != x) return static_cast<uint16_t>((b >> 16) | 0x0040u);  // NaN stays a quiet NaN
+  if (x != x) return 0x7FC0;  // NaN: the canonical quiet NaN
   uint16_t out = static_cast<uint16_t>((b + r) >> 16);
   if (positive_floor && x > 0.0f && out == 0) out = 1;
   return out;
