@@ -168,3 +168,29 @@ def test_plans_follow_new_grad_tensors_on_cuda():
                     p.grad = g.float().to(CUDA)
                 o.step()
         assert max_err(params, peer_params) < 1e-5
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("state_dtype", [None, torch.float32], ids=["16-bit state", "fp32 state"])
+def test_stochastic_rounding_same_bits_as_the_cpu(backend, dtype, state_dtype):
+    """NOTE [stochastic rounding]: with hyper-parameters exact in fp32 the GPU
+    step writes the bits the reference writes on the CPU (tests/test_rounding.py
+    holds the CPU backends to the same)."""
+    kw = dict(lr=2.0 ** -10, weight_decay=2.0 ** -4, betas=(0.5, 0.75), eps=2.0 ** -20, amsgrad=True,
+              stochastic_rounding=True, state_dtype=state_dtype, rounding_seed=7)
+    base = make_params(GPU_SHAPES, dtype)
+    grads = make_grads(GPU_SHAPES, 3)
+    runs = []
+    for device, b in (("cpu", "reference"), (CUDA, backend)):
+        params = [p.detach().to(device).requires_grad_() for p in base]
+        opt = fo.AdamW(params, backend=b, **kw)
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g.to(device=device, dtype=dtype)
+            opt.step()
+        runs.append(([p.detach().cpu() for p in params],
+                     [opt.state[p]["exp_avg_sq"].cpu() for p in params if opt.state.get(p)]))
+    (p_ref, v_ref), (p_gpu, v_gpu) = runs
+    assert all(torch.equal(a, b) for a, b in zip(p_gpu, p_ref))
+    assert all(torch.equal(a, b) for a, b in zip(v_gpu, v_ref))
