@@ -8,15 +8,14 @@ so a step never synchronises with the host. A leaf: imports no fasttricks.ops.
 """
 import itertools
 
-import torch
 import triton
 import triton.language as tl
 
 from fasttricks._table import ADAM_ROW, CHUNK, grad_multiplier, scalar_arg
 from fasttricks.kernels import PRECISIONS, precision_name
-from fasttricks.kernels._common import (BLOCK, COMPILE_OPTIONS, chunk_prologue, div_ieee, constant, draw_bits, load_weight_and_grad, next_word,
-                                        precision_constexprs, rounding_tensor_key, sqrt_ieee, store_rounded,
-                                        store_weights, table_ptr)
+from fasttricks.kernels._common import (BLOCK, COMPILE_OPTIONS, chunk_prologue, constant, div_ieee, draw_bits,
+                                        load_weight_and_grad, next_word, precision_constexprs, rounding_tensor_key,
+                                        sqrt_ieee, store_rounded, store_weights, table_ptr)
 
 EXP_AVG: tl.constexpr = tl.constexpr(ADAM_ROW["exp_avg"])
 EXP_AVG_SQ: tl.constexpr = tl.constexpr(ADAM_ROW["exp_avg_sq"])

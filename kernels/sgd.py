@@ -3,15 +3,14 @@ csrc/include/fasttricks/sgd_math.h; the reference is fasttricks/ops/sgd.py).
 A leaf, as kernels/adam.py: the device plan packs the table and calls launch_sgd."""
 import itertools
 
-import torch
 import triton
 import triton.language as tl
 
 from fasttricks._table import CHUNK, SGD_ROW, grad_multiplier, scalar_arg
 from fasttricks.kernels import PRECISIONS, precision_name
-from fasttricks.kernels._common import (BLOCK, COMPILE_OPTIONS, chunk_prologue, constant, draw_bits, load_weight_and_grad,
-                                        precision_constexprs, rounding_tensor_key, store_rounded, store_weights,
-                                        table_ptr)
+from fasttricks.kernels._common import (BLOCK, COMPILE_OPTIONS, chunk_prologue, constant, draw_bits,
+                                        load_weight_and_grad, precision_constexprs, rounding_tensor_key,
+                                        store_rounded, store_weights, table_ptr)
 
 BUF_ROW: tl.constexpr = tl.constexpr(SGD_ROW["momentum_buffer"])
 MASTER_ROW: tl.constexpr = tl.constexpr(SGD_ROW["master"])

@@ -31,10 +31,10 @@ import torch
 from fasttricks import _backends
 from fasttricks.ops._plan import is_dtensor, local_shards
 from fasttricks.optim import _compat, _compiled
-from fasttricks.optim._plan_cache import (GroupPlans, PlanCache, backend_for, bind_real_view_grads,
-                                          bind_shard_grads, check_precision_options, normalise_state,
-                                          rounds_stochastically, average_dtype, state_dtype, uses_master)
 from fasttricks.ops.rounding import step_key
+from fasttricks.optim._plan_cache import (GroupPlans, PlanCache, average_dtype, backend_for, bind_real_view_grads,
+                                          bind_shard_grads, check_precision_options, normalise_state,
+                                          rounds_stochastically, state_dtype, uses_master)
 from fasttricks.optim._tracked import StateDict
 
 SAMPLER_STATE_KEY = "fasttricks_samplers"  # NOTE [sampler checkpoints]
@@ -98,7 +98,8 @@ class FusedOptimizerMixin:
         if "backend" in group:
             _backends.check_backend_name(group["backend"])
         if "master_weights" in group:
-            check_precision_options(group["master_weights"], group.get("stochastic_rounding"), group.get("state_dtype"))
+            check_precision_options(group["master_weights"], group.get("stochastic_rounding"),
+                                    group.get("state_dtype"))
 
     def state_dict(self):
         """torch's state_dict, byte for byte in structure: plain dicts for the
@@ -229,7 +230,8 @@ class FusedOptimizerMixin:
         plans, shards, real_views = [], [], []
         # NOTE [stochastic rounding]: a param's random bits are keyed by its
         # index among all the optimizer's params.
-        index = {id(p): i for i, p in enumerate(itertools.chain.from_iterable(g["params"] for g in self.param_groups))}
+        all_params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        index = {id(p): i for i, p in enumerate(all_params)}
         for (device, dtype, sharded), params in buckets.items():
             backend = backend_for(group, device, backends)
             master = uses_master(group, dtype)
@@ -238,10 +240,11 @@ class FusedOptimizerMixin:
                 views = {id(p): torch.view_as_real(p.detach()) for p in params}
                 view = lambda t, views=views: views.get(id(t)) if id(t) in views else torch.view_as_real(t)  # noqa: E731
                 real_views += [(p, views[id(p)]) for p in params]
-            plan = self._build_plan(backend, group, params, master, view or _same,
-                                    rounding=([index[id(p)] for p in params] if rounds_stochastically(group) else None))
+            rounding = [index[id(p)] for p in params] if rounds_stochastically(group) else None
+            plan = self._build_plan(backend, group, params, master, view or _same, rounding=rounding)
             if self._ft_sampler is not None:
-                averages = [(view or _same)(a) for a in self._ft_sampler.averages_for(params, average_dtype(group, dtype))]
+                averages = [(view or _same)(a)
+                            for a in self._ft_sampler.averages_for(params, average_dtype(group, dtype))]
                 plan.set_averages(local_shards(averages) if sharded and backend != "reference" else averages)
             if sharded and backend != "reference":
                 shards += [(p, p._local_tensor) for p in params]
@@ -298,7 +301,7 @@ class FusedOptimizerMixin:
             # Meta params hold shapes, no values: torch's own step does what torch does with them.
             _compat.torch_step(self, None)
             return
-        rounding = any(entry.flags[2] for entry in entries)  # _plan_flags: stochastic rounding
+        rounding = any(rounds_stochastically(entry.group) for entry in entries)
         if rounding:  # NOTE [stochastic rounding]: this step's key
             self._ft_round_step += 1
             self._ft_round_key = step_key(self.rounding_seed, self._ft_round_step)
