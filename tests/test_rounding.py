@@ -267,3 +267,22 @@ def test_grad_scale_divides_before_rounding(backend):
         opt.step()
         runs.append(w.detach().clone())
     assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pswa_reassignment_with_rounded_bf16_params(backend):
+    """PSWA samples fp32 averages of bf16 params stepped with stochastic
+    rounding, and its epoch-end reassignment writes them into the params."""
+    from fasttricks.sampling import PSWA
+
+    model = torch.nn.Linear(4099, 1, bias=False).to(torch.bfloat16)
+    w = model.weight
+    opt = fo.SGD(model.parameters(), lr=LR, momentum=0.5, backend=backend, stochastic_rounding=True)
+    pswa = PSWA(opt, 4, alpha=1.0, seed=0)
+    for _ in range(4):
+        w.grad = torch.full_like(w, 1e-3)
+        opt.step()
+    assert pswa.averages[0].dtype == torch.float32
+    avg = pswa.averages[0].clone()
+    assert pswa.end_epoch(model=model)  # no BatchNorm: nothing to recalibrate
+    assert torch.equal(w.detach(), avg.to(torch.bfloat16))
