@@ -286,11 +286,13 @@ class FusedOptimizerMixin:
     def _eager_step(self, grad_scale, found_inf) -> None:
         try:
             self._fused_step(grad_scale, found_inf)
-        except RuntimeError as exc:
+        except RuntimeError:
             # NOTE [sparse grads]: a param that had a dense grad when its plan was
-            # built has a sparse one now; the plans (rebuilt, as after any failed
-            # step) take it out of the fused step.
-            if not (self._sparse_grads_ok and "sparse gradients" in str(exc)):
+            # built has a sparse one now (its plan refused it, writing nothing);
+            # the plans, rebuilt as after any failed step, take it out of the
+            # fused step. Asked of the grads, not of the error's wording.
+            if not (self._sparse_grads_ok and any(p.grad is not None and p.grad.is_sparse
+                                                  for g in self.param_groups for p in g["params"])):
                 raise
             self._fused_step(grad_scale, found_inf)
 
