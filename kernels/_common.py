@@ -3,6 +3,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fasttricks.kernels import TL_DTYPES
+
 BLOCK = 1024
 # No FMA contraction: each multiply and add rounds once, in the order of the
 # C++ math headers, so that every backend computes the same fp32 bits and
@@ -16,19 +18,22 @@ _constants: dict = {}
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def precision_constexprs(param_dtype, state_dtype, master=None, stochastic_rounding=False) -> dict:
+def precision_constexprs(param_dtype, state_dtype, master: bool, stochastic_rounding: bool) -> dict:
     """The dtype switches both optimizer kernels take (docs/precision.md):
-    MASTER (None: the old rule, fp32 state for a 16-bit param), SR only where
-    a 16-bit tensor is written from fp32 math, the average's dtype."""
-    TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16,
-          torch.float16: tl.float16}
-    if master is None:
-        master = state_dtype != param_dtype and param_dtype in LOW_PRECISION and state_dtype == torch.float32
+    MASTER, SR only where a 16-bit tensor is written from fp32 math, the
+    average's dtype."""
     sr = bool(stochastic_rounding) and not master and (param_dtype in LOW_PRECISION or state_dtype in LOW_PRECISION)
     math = tl.float64 if param_dtype == torch.float64 else tl.float32
-    return {"PARAM_DTYPE": TL[param_dtype], "STATE_DTYPE": TL[state_dtype],
-            "AVG_DTYPE": math if (master or sr) and param_dtype in LOW_PRECISION else TL[param_dtype],
+    return {"PARAM_DTYPE": TL_DTYPES[param_dtype], "STATE_DTYPE": TL_DTYPES[state_dtype],
+            "AVG_DTYPE": math if (master or sr) and param_dtype in LOW_PRECISION else TL_DTYPES[param_dtype],
             "MATH_DTYPE": math, "MASTER": bool(master), "SR": sr}
+
+
+def round_key_arg(hyper) -> int:
+    """The step's rounding key (NOTE [stochastic rounding]) as the kernels take
+    it: minus 2**31, always an int32, so Triton never compiles a variant for
+    its size (rounding_tensor_key adds it back)."""
+    return int(hyper.round_key) - 2**31
 
 
 def constant(device, value: float = 0.0) -> torch.Tensor:
@@ -105,8 +110,7 @@ def mix32(x):
 
 @triton.jit
 def rounding_tensor_key(ptrs_ptr, n_tensors, t, round_key, KEY_ROW: tl.constexpr):
-    """The tensor's key this step; round_key arrives as the step key - 2**31
-    (always an int32, so Triton never compiles a variant for its size)."""
+    """The tensor's key this step; round_key arrives as round_key_arg made it."""
     step_key = round_key.to(tl.uint32, bitcast=True) ^ 0x80000000
     index = tl.load(ptrs_ptr + KEY_ROW * n_tensors + t).to(tl.uint32)
     return mix32(tl.full([1], 0, tl.uint32) + (step_key ^ mix32(tl.full([1], 0, tl.uint32) + index)))

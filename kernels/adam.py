@@ -14,8 +14,8 @@ import triton.language as tl
 from fasttricks._table import ADAM_ROW, CHUNK, grad_multiplier, scalar_arg
 from fasttricks.kernels import PRECISIONS, precision_name
 from fasttricks.kernels._common import (BLOCK, COMPILE_OPTIONS, chunk_prologue, constant, div_ieee, draw_bits,
-                                        load_weight_and_grad, next_word, precision_constexprs, rounding_tensor_key,
-                                        sqrt_ieee, store_rounded, store_weights, table_ptr)
+                                        load_weight_and_grad, next_word, precision_constexprs, round_key_arg,
+                                        rounding_tensor_key, sqrt_ieee, store_rounded, store_weights, table_ptr)
 
 EXP_AVG: tl.constexpr = tl.constexpr(ADAM_ROW["exp_avg"])
 EXP_AVG_SQ: tl.constexpr = tl.constexpr(ADAM_ROW["exp_avg_sq"])
@@ -96,8 +96,8 @@ def adam_kernel(ptrs_ptr, numels_ptr, chunk_tensor_ptr, chunk_start_ptr, n_tenso
                       STATE_DTYPE, AVG_DTYPE, MATH_DTYPE, MASTER, AVERAGE, SR)
 
 
-def adam_constexprs(param_dtype, state_dtype, *, amsgrad, decoupled, average, lr_is_tensor, master=None,
-                    stochastic_rounding=False) -> dict:
+def adam_constexprs(param_dtype, state_dtype, *, amsgrad, decoupled, average, lr_is_tensor, master,
+                    stochastic_rounding) -> dict:
     """The kernel's compile-time arguments: what launch_adam passes, and what
     aot_variants compiles ahead of time, built by this one function."""
     return {**precision_constexprs(param_dtype, state_dtype, master, stochastic_rounding),
@@ -106,7 +106,7 @@ def adam_constexprs(param_dtype, state_dtype, *, amsgrad, decoupled, average, lr
 
 
 def launch_adam(tables, hyper, *, param_dtype, state_dtype, grad_scale, found_inf, avg_coef, amsgrad, decoupled,
-                average, device, master=None, stochastic_rounding=False, avg_dtype=None):
+                average, device, master, stochastic_rounding):
     """One launch over a packed table. `hyper` has the fields of
     fasttricks.ops.adam.AdamHyper; 1 - beta is computed here, in double."""
     ptrs, numels, chunk_tensor, chunk_start, n, n_chunks = tables
@@ -117,7 +117,7 @@ def launch_adam(tables, hyper, *, param_dtype, state_dtype, grad_scale, found_in
         lr_value, device_scalar(lr_tensor, 0.0), 1.0 - float(hyper.beta1),
         1.0 - float(hyper.beta2), float(hyper.eps), float(hyper.weight_decay), grad_multiplier(hyper),
         device_scalar(grad_scale, 1.0), device_scalar(found_inf, 0.0), float(avg_coef),
-        int(getattr(hyper, "round_key", 0)) - 2**31,
+        round_key_arg(hyper),
         **adam_constexprs(param_dtype, state_dtype, amsgrad=amsgrad, decoupled=decoupled, average=average,
                           lr_is_tensor=lr_tensor is not None, master=master,
                           stochastic_rounding=stochastic_rounding), **COMPILE_OPTIONS)

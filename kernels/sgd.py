@@ -9,8 +9,8 @@ import triton.language as tl
 from fasttricks._table import CHUNK, SGD_ROW, grad_multiplier, scalar_arg
 from fasttricks.kernels import PRECISIONS, precision_name
 from fasttricks.kernels._common import (BLOCK, COMPILE_OPTIONS, chunk_prologue, constant, draw_bits,
-                                        load_weight_and_grad, precision_constexprs, rounding_tensor_key,
-                                        store_rounded, store_weights, table_ptr)
+                                        load_weight_and_grad, precision_constexprs, round_key_arg,
+                                        rounding_tensor_key, store_rounded, store_weights, table_ptr)
 
 BUF_ROW: tl.constexpr = tl.constexpr(SGD_ROW["momentum_buffer"])
 MASTER_ROW: tl.constexpr = tl.constexpr(SGD_ROW["master"])
@@ -57,8 +57,8 @@ def sgd_kernel(ptrs_ptr, numels_ptr, chunk_tensor_ptr, chunk_start_ptr, n_tensor
                       STATE_DTYPE, AVG_DTYPE, MATH_DTYPE, MASTER, AVERAGE, SR)
 
 
-def sgd_constexprs(param_dtype, state_dtype, *, momentum, nesterov, decoupled, average, lr_is_tensor, master=None,
-                   stochastic_rounding=False) -> dict:
+def sgd_constexprs(param_dtype, state_dtype, *, momentum, nesterov, decoupled, average, lr_is_tensor, master,
+                   stochastic_rounding) -> dict:
     """The kernel's compile-time arguments, for launch_sgd and aot_variants alike."""
     return {**precision_constexprs(param_dtype, state_dtype, master, stochastic_rounding),
             "MOMENTUM": bool(momentum), "NESTEROV": bool(nesterov) and bool(momentum), "DECOUPLED": bool(decoupled),
@@ -66,7 +66,7 @@ def sgd_constexprs(param_dtype, state_dtype, *, momentum, nesterov, decoupled, a
 
 
 def launch_sgd(tables, hyper, *, param_dtype, state_dtype, grad_scale, found_inf, avg_coef, nesterov, decoupled,
-               average, device, master=None, stochastic_rounding=False, avg_dtype=None):
+               average, device, master, stochastic_rounding):
     """One launch over a packed table; `hyper` has the fields of fasttricks.ops.sgd.SgdHyper."""
     ptrs, numels, chunk_tensor, chunk_start, n, n_chunks = tables
     lr_value, lr_tensor = scalar_arg(hyper.lr, device)
@@ -76,7 +76,7 @@ def launch_sgd(tables, hyper, *, param_dtype, state_dtype, grad_scale, found_inf
         lr_value, device_scalar(lr_tensor, 0.0), float(hyper.weight_decay),
         float(hyper.momentum), float(hyper.dampening), grad_multiplier(hyper),
         device_scalar(grad_scale, 1.0), device_scalar(found_inf, 0.0), float(avg_coef),
-        int(getattr(hyper, "round_key", 0)) - 2**31,
+        round_key_arg(hyper),
         **sgd_constexprs(param_dtype, state_dtype, momentum=hyper.momentum != 0, nesterov=nesterov,
                          decoupled=decoupled, average=average, lr_is_tensor=lr_tensor is not None, master=master,
                          stochastic_rounding=stochastic_rounding), **COMPILE_OPTIONS)

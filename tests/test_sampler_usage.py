@@ -67,11 +67,17 @@ def test_exported_state_dict_loads_and_reproduces_the_average():
     assert torch.allclose(target(x), expected, atol=1e-6)
 
 
-def test_sampler_checkpoint_keeps_the_averaged_buffers():
+def ema_after_two_steps():
+    """A net trained two SGD steps with an EMA of its params and buffers."""
     model = net()
     opt = fo.SGD(model.parameters(), lr=0.1)
     ema = EMA(opt, decay=0.5, model=model)
     list(train_steps(model, opt, 2))
+    return model, opt, ema
+
+
+def test_sampler_checkpoint_keeps_the_averaged_buffers():
+    _, _, ema = ema_after_two_steps()
     sd = copy.deepcopy(ema.state_dict())
     other = net(seed=3)
     ema2 = EMA(fo.SGD(other.parameters(), lr=0.1), decay=0.5, model=other)
@@ -80,10 +86,7 @@ def test_sampler_checkpoint_keeps_the_averaged_buffers():
 
 
 def test_step_inside_averaged_parameters_raises_and_restores():
-    model = net()
-    opt = fo.SGD(model.parameters(), lr=0.1)
-    ema = EMA(opt, decay=0.5, model=model)
-    list(train_steps(model, opt, 2))
+    model, opt, ema = ema_after_two_steps()
     live = copy.deepcopy(model.state_dict())
     with pytest.raises(RuntimeError, match="step outside the block"):
         with ema.averaged_parameters():

@@ -10,11 +10,6 @@ namespace fasttricks {
 namespace cpu {
 namespace {
 
-// The running average's element type: fp32 for 16-bit params with a master
-// copy or stochastic rounding, else the param's (docs/precision.md).
-template <typename P, bool MASTER, bool SR>
-using AverageT = std::conditional_t<MASTER || SR, typename OpMath<P>::type, P>;
-
 template <typename P, typename S, typename A, typename O>
 struct AdamPtrs {
   P* param;

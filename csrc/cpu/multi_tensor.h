@@ -148,18 +148,14 @@ C10_ALWAYS_INLINE IVec half(const IVec& bits, int shift) {
 // round_fp16 of rounding.h, as the fp32 values (exact in fp16) that the
 // store then converts.
 C10_ALWAYS_INLINE FVec round_fp16(const FVec& x, const IVec& r, bool positive_floor) {
-  const IVec b = as_int(x);
-  FVec out;
-  {
-    IVec e = srl(b, 23) & IVec(0xFF);
-    e = at::vec::minimum(at::vec::maximum(e - IVec(127), IVec(-14)), IVec(15)) - IVec(10);  // ulp exponent
-    const FVec scale = as_float((IVec(127) - e) << IVec(23));
-    const FVec unscale = as_float((IVec(127) + e) << IVec(23));
-    const FVec q = x * scale;
-    const FVec fl = q.floor();
-    const FVec up = FVec::blendv(FVec(0.0f), FVec(1.0f), at::vec::convert_to_fp_of_same_size<float>(r) < (q - fl) * FVec(65536.0f));
-    out = (fl + up) * unscale;
-  }
+  IVec e = srl(as_int(x), 23) & IVec(0xFF);
+  e = at::vec::minimum(at::vec::maximum(e - IVec(127), IVec(-14)), IVec(15)) - IVec(10);  // ulp exponent
+  const FVec scale = as_float((IVec(127) - e) << IVec(23));
+  const FVec unscale = as_float((IVec(127) + e) << IVec(23));
+  const FVec q = x * scale;
+  const FVec fl = q.floor();
+  const FVec r_f = at::vec::convert_to_fp_of_same_size<float>(r);
+  FVec out = (fl + FVec::blendv(FVec(0.0f), FVec(1.0f), r_f < (q - fl) * FVec(65536.0f))) * unscale;
   if (positive_floor) {
     out = FVec::blendv(out, FVec(5.9604644775390625e-08f), (x > FVec(0.0f)) & (out == FVec(0.0f)));
   }
@@ -355,6 +351,11 @@ void dispatch_dtypes(at::ScalarType p, at::ScalarType s, const char* op, const F
 // The compile-time value of a dispatch_bool flag (decay: lambdas may see it by reference).
 template <typename B>
 constexpr bool kOn = std::decay_t<B>::value;
+
+// The running average's element type: fp32 for 16-bit params with a master
+// copy or stochastic rounding, else the param's (docs/precision.md).
+template <typename P, bool MASTER, bool SR>
+using AverageT = std::conditional_t<MASTER || SR, typename OpMath<P>::type, P>;
 
 // f(master, stochastic rounding) as compile-time flags, instantiated only
 // where they mean something: a master copy for 16-bit params with fp32

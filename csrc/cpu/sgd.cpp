@@ -18,10 +18,6 @@ struct SgdPtrs {
   uint32_t key;  // NOTE [stochastic rounding]: the tensor's key this step
 };
 
-// The running average's element type (as in adam.cpp).
-template <typename P, bool MASTER, bool SR>
-using AverageT = std::conditional_t<MASTER || SR, typename OpMath<P>::type, P>;
-
 template <typename P, typename S, bool MASTER, bool SR, bool MOMENTUM, bool NESTEROV, bool DECOUPLED, bool AVERAGE>
 void sgd_kernel(const std::vector<SgdPtrs<P, S, AverageT<P, MASTER, SR>>>& ptrs, const std::vector<int64_t>& numels,
                 const SgdCoefs<typename OpMath<S>::type>& c, typename OpMath<S>::type avg_coef) {

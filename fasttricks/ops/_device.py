@@ -115,7 +115,6 @@ class DevicePlan(PlanBase):
         guard = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         with guard:
             self.launch(tables, hyper, param_dtype=self.param_dtype, state_dtype=self.state_dtype,
-                        avg_dtype=self.avg_dtype,
                         grad_scale=grad_scale, found_inf=found_inf, avg_coef=avg_coef,
                         average=self.averages is not None and avg_coef != 0, device=self.device, **self.switches)
         del keep  # the temporaries the kernel reads lived through its launch

@@ -30,7 +30,7 @@ from fasttricks._table import ADAM_ROWS, grad_multiplier, scalar_arg
 from fasttricks.ops._device import DevicePlan
 from fasttricks.ops._plan import (PlanBase, found_inf_set, inv_grad_scale, local_shards,
                                   opmath_dtype)
-from fasttricks.ops.rounding import HIGH_BITS, LOW_BITS, round_into_, tensor_key
+from fasttricks.ops.rounding import HIGH_BITS, LOW_BITS, StepBits, tensor_key
 
 __all__ = ["AdamHyper", "adam_reference_", "make_adam_plan"]
 
@@ -81,17 +81,17 @@ def adam_reference_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
             m = m * beta1 + g * (1 - beta1)
             v = v * beta2 + (g * g) * (1 - beta2)
             second = v
-            key = tensor_key(round_key, rounding[i]) if rounding is not None else None
+            bits = StepBits(tensor_key(round_key, rounding[i]) if rounding is not None else None, p)
             if amsgrad:
                 vmax = torch.maximum(max_exp_avg_sqs[i].to(op), v)
-                round_into_(max_exp_avg_sqs[i], vmax, key, 2, HIGH_BITS, positive_floor=True)
+                bits.round_into_(max_exp_avg_sqs[i], vmax, 2, HIGH_BITS, positive_floor=True)
                 second = vmax
             denom = _sqrt_rn(second) * (1 / math.sqrt(1 - beta2**t)) + eps
             w.sub_((m * (lr / (1 - beta1**t))) / denom)
-            round_into_(exp_avgs[i], m, key, 0, HIGH_BITS)
-            round_into_(exp_avg_sqs[i], v, key, 1, HIGH_BITS, positive_floor=True)
+            bits.round_into_(exp_avgs[i], m, 0, HIGH_BITS)
+            bits.round_into_(exp_avg_sqs[i], v, 1, HIGH_BITS, positive_floor=True)
             if master is None:
-                round_into_(p, w, key, 0, LOW_BITS)
+                bits.round_into_(p, w, 0, LOW_BITS)
             else:
                 p.copy_(w)
             if averages is not None and avg_coef != 0:
@@ -146,8 +146,8 @@ class DeviceAdamPlan(DevicePlan):
         self.steps = steps
 
 
-def launch_cuda_adam(tables, hyper, *, param_dtype, state_dtype, avg_dtype, master, stochastic_rounding, grad_scale,
-                     found_inf, avg_coef, amsgrad, decoupled, average, device):
+def launch_cuda_adam(tables, hyper, *, param_dtype, state_dtype, master, stochastic_rounding, grad_scale, found_inf,
+                     avg_coef, amsgrad, decoupled, average, device):
     """The CUDA backend's launch: the extension's binding, called as kernels/adam.py's launch_adam is."""
     ptrs, numels, chunk_tensor, chunk_start, n, _ = tables
     lr_value, lr_tensor = scalar_arg(hyper.lr, device)

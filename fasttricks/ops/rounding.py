@@ -33,7 +33,7 @@ import torch
 
 from fasttricks.ops._plan import is_dense
 
-__all__ = ["mix32", "step_key", "tensor_key", "random_bits", "stochastic_round", "LOW_BITS", "HIGH_BITS"]
+__all__ = ["mix32", "step_key", "tensor_key", "random_bits", "stochastic_round", "StepBits", "LOW_BITS", "HIGH_BITS"]
 
 MASK = 0xFFFFFFFF
 M1, M2 = 0x7FEB352D, 0x846CA68B
@@ -42,20 +42,10 @@ WORD_MUL = 0x9E3779B1
 LOW_BITS, HIGH_BITS = 0, 1  # which half of a word a tensor takes
 
 
-def mix32(x: int) -> int:
-    """lowbias32 on a Python int (the host keys)."""
-    x &= MASK
-    x ^= x >> 16
-    x = (x * M1) & MASK
-    x ^= x >> 15
-    x = (x * M2) & MASK
-    x ^= x >> 16
-    return x
-
-
-def _mix32_t(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 on an int64 tensor of uint32 values. Each product is taken
-    as two 16-bit halves of the constant, so that no int64 product overflows."""
+def mix32(x):
+    """lowbias32, on a Python int (the host keys) or an int64 tensor of uint32
+    values (the reference kernels)."""
+    x = x & MASK
     x = x ^ (x >> 16)
     x = _mul32(x, M1)
     x = x ^ (x >> 15)
@@ -63,7 +53,9 @@ def _mix32_t(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+def _mul32(x, c: int):
+    """x * c mod 2**32, the product taken as two 16-bit halves of c, so that no
+    int64 tensor product overflows (exact for Python ints too)."""
     return ((x * (c & 0xFFFF)) + (((x * (c >> 16)) & 0xFFFF) << 16)) & MASK
 
 
@@ -92,7 +84,7 @@ def random_bits(key: int, e: torch.Tensor, word: int) -> torch.Tensor:
     """Word `word` (0, 1, 2) of the random bits of the elements with indices
     `e` (int64) of the tensor with tensor key `key`, as an int64 tensor."""
     hi = ((e >> 31) * HI_MUL) & MASK
-    bits = _mix32_t(((key ^ hi) + (e & 0x7FFFFFFF)) & MASK)
+    bits = mix32(((key ^ hi) + (e & 0x7FFFFFFF)) & MASK)
     for _ in range(word):
         bits = _mul32(bits, WORD_MUL)
     return bits
@@ -137,12 +129,25 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, r16: torch.Tensor, pos
     raise TypeError(f"stochastic rounding writes bf16 or fp16, not {dtype}")
 
 
-def round_into_(dst: torch.Tensor, x: torch.Tensor, key: int | None, word: int, half: int,
-                positive_floor: bool = False) -> None:
-    """dst.copy_(x), stochastically rounded when `key` (a tensor key) is given
-    and dst is bf16/fp16; rounded to nearest otherwise."""
-    if key is None or dst.dtype not in (torch.bfloat16, torch.float16):
-        dst.copy_(x)
-        return
-    r16 = half_bits(random_bits(key, element_index(dst), word), half)
-    dst.copy_(stochastic_round(x.detach().to(torch.float32).expand_as(dst), dst.dtype, r16, positive_floor))
+class StepBits:
+    """The writes of one param's step: each tensor rounded with its word and
+    half of the param's random bits, word0 hashed once (on the first 16-bit
+    write) and the later words multiplied from it. `key` None: round to nearest."""
+
+    def __init__(self, key: int | None, param: torch.Tensor):
+        self.key, self.param = key, param
+        self.words: list[torch.Tensor] = []
+
+    def round_into_(self, dst: torch.Tensor, x: torch.Tensor, word: int, half: int,
+                    positive_floor: bool = False) -> None:
+        """dst.copy_(x), stochastically rounded when there is a key and dst is
+        bf16/fp16; rounded to nearest otherwise."""
+        if self.key is None or dst.dtype not in (torch.bfloat16, torch.float16):
+            dst.copy_(x)
+            return
+        if not self.words:
+            self.words.append(random_bits(self.key, element_index(self.param), 0))
+        while len(self.words) <= word:
+            self.words.append(_mul32(self.words[-1], WORD_MUL))
+        r16 = half_bits(self.words[word], half)
+        dst.copy_(stochastic_round(x.detach().to(torch.float32).expand_as(dst), dst.dtype, r16, positive_floor))

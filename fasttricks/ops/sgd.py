@@ -27,7 +27,7 @@ from fasttricks._table import SGD_ROWS, grad_multiplier, scalar_arg
 from fasttricks.ops._device import DevicePlan
 from fasttricks.ops._plan import (PlanBase, found_inf_set, inv_grad_scale, local_shards,
                                   opmath_dtype)
-from fasttricks.ops.rounding import HIGH_BITS, LOW_BITS, round_into_, tensor_key
+from fasttricks.ops.rounding import HIGH_BITS, LOW_BITS, StepBits, tensor_key
 
 __all__ = ["SgdHyper", "sgd_reference_", "make_sgd_plan"]
 
@@ -64,17 +64,17 @@ def sgd_reference_(params, grads, momentum_buffers, first_step, *, masters=None,
                 w.mul_(1 - lr * weight_decay)
             elif weight_decay != 0:
                 g = g + w * weight_decay
-            key = tensor_key(round_key, rounding[i]) if rounding is not None else None
+            bits = StepBits(tensor_key(round_key, rounding[i]) if rounding is not None else None, p)
             if momentum_buffers is not None:
                 if first_step[i]:
                     buf = g.clone()
                 else:
                     buf = momentum_buffers[i].to(op) * momentum + g * (1 - dampening)
-                round_into_(momentum_buffers[i], buf, key, 0, HIGH_BITS)
+                bits.round_into_(momentum_buffers[i], buf, 0, HIGH_BITS)
                 g = g + buf * momentum if nesterov else buf
             w.sub_(g * lr)
             if master is None:
-                round_into_(p, w, key, 0, LOW_BITS)
+                bits.round_into_(p, w, 0, LOW_BITS)
             else:
                 p.copy_(w)
             if averages is not None and avg_coef != 0:
@@ -138,8 +138,8 @@ class DeviceSgdPlan(DevicePlan):
         return [bool(f) for f in self.flags("first")] if self.momentum else []
 
 
-def launch_cuda_sgd(tables, hyper, *, param_dtype, state_dtype, avg_dtype, master, stochastic_rounding, grad_scale,
-                    found_inf, avg_coef, nesterov, decoupled, average, device):
+def launch_cuda_sgd(tables, hyper, *, param_dtype, state_dtype, master, stochastic_rounding, grad_scale, found_inf,
+                    avg_coef, nesterov, decoupled, average, device):
     """The CUDA backend's launch: the extension's binding, called as kernels/sgd.py's launch_sgd is."""
     ptrs, numels, chunk_tensor, chunk_start, n, _ = tables
     lr_value, lr_tensor = scalar_arg(hyper.lr, device)

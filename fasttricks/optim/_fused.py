@@ -228,10 +228,10 @@ class FusedOptimizerMixin:
 
     def _build_buckets(self, group, flags, buckets, stateless, backends) -> GroupPlans:
         plans, shards, real_views = [], [], []
-        # NOTE [stochastic rounding]: a param's random bits are keyed by its
-        # index among all the optimizer's params.
-        all_params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
-        index = {id(p): i for i, p in enumerate(all_params)}
+        index = None
+        if rounds_stochastically(group):  # NOTE [stochastic rounding]: keyed by the index among all params
+            all_params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+            index = {id(p): i for i, p in enumerate(all_params)}
         for (device, dtype, sharded), params in buckets.items():
             backend = backend_for(group, device, backends)
             master = uses_master(group, dtype)
@@ -240,7 +240,7 @@ class FusedOptimizerMixin:
                 views = {id(p): torch.view_as_real(p.detach()) for p in params}
                 view = lambda t, views=views: views.get(id(t)) if id(t) in views else torch.view_as_real(t)  # noqa: E731
                 real_views += [(p, views[id(p)]) for p in params]
-            rounding = [index[id(p)] for p in params] if rounds_stochastically(group) else None
+            rounding = [index[id(p)] for p in params] if index is not None else None
             plan = self._build_plan(backend, group, params, master, view or _same, rounding=rounding)
             if self._ft_sampler is not None:
                 averages = [(view or _same)(a)

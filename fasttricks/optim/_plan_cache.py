@@ -28,10 +28,9 @@ from __future__ import annotations
 import torch
 
 from fasttricks import _backends
-from fasttricks.ops._plan import is_dtensor
+from fasttricks.ops._plan import LOW_PRECISION, is_dtensor
 from fasttricks.optim._tracked import ParamList, StateDict
 
-LOW_PRECISION = (torch.bfloat16, torch.float16)
 DEVICE_BACKENDS = ("triton", "cuda")
 
 
