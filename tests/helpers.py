@@ -5,7 +5,8 @@ import torch
 from fasttricks import _backends
 
 # Sizes: 0-dim, empty, odd, past the GPU chunk (4096) and the CPU chunk (65536).
-SHAPES = [(), (0,), (3, 5), (7,), (4099,), (65541,)]
+# (3, 5) and (7,): a tail of one vector or less; (25,): a tail of two (csrc/cpu/adam.cpp)
+SHAPES = [(), (0,), (3, 5), (7,), (25,), (4099,), (65541,)]
 
 
 def cpu_backends():

@@ -59,7 +59,11 @@ void adam_kernel(const std::vector<AdamPtrs<P, S, AverageT<P, MASTER, SR>, typen
       SIO::load(t.exp_avg_sq + j, n, v[2 * u], v[2 * u + 1]);
       if constexpr (AMSGRAD) SIO::load(t.max_exp_avg_sq + j, n, x[2 * u], x[2 * u + 1]);
     }
-    for (int k = 0; k < 2 * U; ++k) adam_update<AMSGRAD, DECOUPLED>(w[k], g[k], m[k], v[k], x[k], c);
+    // A tail of one vector or less (the one-element tensors of a small model):
+    // its second vector holds no element, and it would cost a square root and
+    // a division. (Stores and the averaging write n elements only.)
+    const int live = U == 1 && n <= SIO::kWidth ? 1 : 2 * U;
+    for (int k = 0; k < live; ++k) adam_update<AMSGRAD, DECOUPLED>(w[k], g[k], m[k], v[k], x[k], c);
     for (int u = 0; u < U; ++u) {
       const int64_t j = i + u * kUnit;
       if constexpr (ROUND_S || ROUND_P) {
@@ -93,6 +97,10 @@ void adam_kernel(const std::vector<AdamPtrs<P, S, AverageT<P, MASTER, SR>, typen
   run_chunks(numels, [&](const Chunk& ch) {
     const auto& t = ptrs[ch.tensor];
     const auto& c = *t.coefs;
+    if (ch.begin == 0 && numels[ch.tensor] <= kUnit && size_t(ch.tensor) + kTensorsAhead < ptrs.size()) {
+      const auto& a = ptrs[ch.tensor + kTensorsAhead];
+      prefetch_first_lines(a.param, a.grad, a.master, a.exp_avg, a.exp_avg_sq, a.max_exp_avg_sq, a.avg);
+    }
     auto body = [&](int64_t i, int64_t n, auto u_tag) { units(t, c, i, n, u_tag); };
     // Rounding the 16-bit state stochastically: one unit per call. With two,
     // the random bits and both units' values outgrow the vector registers
@@ -142,6 +150,9 @@ int64_t AdamPlan::step(const AdamHyper& h, const std::optional<at::Tensor>& grad
   std::vector<int64_t> numels(gathered.size());
   double last_t = -1.0;
   for (size_t k = 0; k < gathered.size(); ++k) {
+    if (k + kTensorsAhead < gathered.size()) {  // the step counters are tiny tensors too
+      prefetch_first_lines(counters_[gathered[k + kTensorsAhead].index].address());
+    }
     const double t = counters_[gathered[k].index].bump();
     if (t != last_t) {
       coefs.push_back(make_adam_coefs<double>(

@@ -313,6 +313,19 @@ void run_chunks(const std::vector<int64_t>& numels, const F& fn) {
   });
 }
 
+// A step over many tiny tensors (a vector unit or less each, as the biases
+// and norms of a small model) waits on memory, not on arithmetic: every
+// tensor is a few cache lines of its own, scattered over the heap, and the
+// hardware prefetchers cannot guess the next one. So while tensor t runs, a
+// kernel asks for the first lines of tensor t + kTensorsAhead (its pointers
+// are known; null ones are skipped). Measured in bench/bench_optim.py
+// (10k_tiny), NOTE in docs/performance.md.
+constexpr size_t kTensorsAhead = 8;
+template <typename... T>
+C10_ALWAYS_INLINE void prefetch_first_lines(const T*... ptrs) {
+  ((ptrs != nullptr ? __builtin_prefetch(ptrs, 1, 3) : void()), ...);
+}
+
 // One chunk of a kernel, two vector units of kUnit elements per call while
 // they fit (the kernels issue both units' loads before any store, so more
 // lines are in flight), then single units for the tail:
@@ -474,6 +487,7 @@ class StepCounter {
     ptr_ = step.mutable_data_ptr();
   }
   double bump() const { return dbl_ ? ++*static_cast<double*>(ptr_) : ++*static_cast<float*>(ptr_); }
+  const void* address() const { return ptr_; }
 
  private:
   void* ptr_;

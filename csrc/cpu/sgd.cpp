@@ -69,6 +69,10 @@ void sgd_kernel(const std::vector<SgdPtrs<P, S, AverageT<P, MASTER, SR>>>& ptrs,
 
   run_chunks(numels, [&](const Chunk& ch) {
     const auto& t = ptrs[ch.tensor];
+    if (ch.begin == 0 && numels[ch.tensor] <= kUnit && size_t(ch.tensor) + kTensorsAhead < ptrs.size()) {
+      const auto& a = ptrs[ch.tensor + kTensorsAhead];
+      prefetch_first_lines(a.param, a.grad, a.master, a.buf, a.avg);
+    }
     for_units<kUnit>(ch, [&](int64_t i, int64_t n, auto u_tag) { units(t, i, n, u_tag); });
   });
 }

@@ -33,6 +33,7 @@ class TensorTable {
     TORCH_CHECK(slots_.size() <= static_cast<size_t>(kMaxSlots), op_, " plan: too many state lists");
     TORCH_CHECK(slot_dtypes_.size() == slots_.size(), op_, " plan: one dtype per state list");
     param_dtype_ = params_[0].scalar_type();
+    param_meta_ = params_[0].dtype();
     device_ = params_[0].device();
     for (const auto& p : params_) {
       TORCH_CHECK_TYPE(p.scalar_type() == param_dtype_, op_, " plan: mixed parameter dtypes");
@@ -65,20 +66,25 @@ class TensorTable {
     std::vector<Gathered> out;
     out.reserve(params_.size());
     for (size_t i = 0; i < params_.size(); ++i) {
-      const at::Tensor& p = params_[i];
-      const at::Tensor& g = p.grad();
+      if (i + kTensorsAhead < params_.size()) {  // multi_tensor.h: the fields read below, some params ahead
+        const char* ahead = reinterpret_cast<const char*>(params_[i + kTensorsAhead].unsafeGetTensorImpl());
+        prefetch_first_lines(ahead, ahead + 64, ahead + 128);
+      }
+      c10::TensorImpl* pi = params_[i].unsafeGetTensorImpl();
+      // TensorImpl::grad, not Tensor::grad: the latter first asks autograd
+      // whether the param is a leaf (a virtual call per param) so as to warn
+      // about .grad of non-leaves, and torch.optim takes leaves only.
+      const at::Tensor& g = pi->grad();
       if (!g.defined()) continue;
-      check_param_and_grad(p, g);
       const Cached& c = cache_[i];
-      Gathered row{static_cast<int64_t>(i), p.numel(), nullptr, nullptr, {}};
-      if (c.fast && same_ints(p.sizes(), {layout_.data() + c.layout, size_t(c.dim)}) &&
-          same_ints(p.strides(), {layout_.data() + c.layout + c.dim, size_t(c.dim)}) &&
-          same_ints(g.strides(), p.strides())) {
-        row.param = p.mutable_data_ptr();
-        row.grad = g.const_data_ptr();
+      Gathered row{static_cast<int64_t>(i), pi->numel(), nullptr, nullptr, {}};
+      if (c.fast && fast_layout(*pi, *g.unsafeGetTensorImpl(), c)) {
+        row.param = pi->mutable_data();
+        row.grad = g.unsafeGetTensorImpl()->data();
         std::copy(std::begin(c.slots), std::end(c.slots), row.slots);
       } else {
-        gather_checked(i, p, g, row, scratch);
+        check_param_and_grad(params_[i], g);
+        gather_checked(i, params_[i], g, row, scratch);
       }
       out.push_back(row);
     }
@@ -86,11 +92,27 @@ class TensorTable {
   }
 
  private:
+  struct Cached;
+
   void check_slot_length(const std::vector<at::Tensor>& s) const {
     TORCH_CHECK(s.empty() || s.size() == params_.size(), op_, ": one state tensor per parameter (or none)");
   }
 
-  // Every step, for every param with a grad: what the cache cannot vouch for.
+  // Whether a param and its grad are as recorded (dense, on the table's
+  // device and dtype, grad laid out like the param, param sizes and strides
+  // unchanged): then the cached slot pointers hold and every check of
+  // check_param_and_grad passes. Reads TensorImpl fields only (inline
+  // accessors: this runs per param per step).
+  bool fast_layout(const c10::TensorImpl& p, const c10::TensorImpl& g, const Cached& c) const {
+    const c10::IntArrayRef sizes{layout_.data() + c.layout, size_t(c.dim)};
+    const c10::IntArrayRef strides{layout_.data() + c.layout + c.dim, size_t(c.dim)};
+    return !g.is_sparse() && p.dtype() == param_meta_ && g.dtype() == param_meta_ && p.device() == device_ &&
+           g.device() == device_ && same_ints(p.sizes(), sizes) && same_ints(p.strides(), strides) &&
+           same_ints(g.sizes(), sizes) && same_ints(g.strides(), strides);
+  }
+
+  // Every step, for every param with a grad the fast path did not take: the
+  // checks that raise, with torch's exception types and our messages.
   void check_param_and_grad(const at::Tensor& p, const at::Tensor& g) const {
     check_grad_like_param(op_.c_str(), p, g);
     TORCH_CHECK_TYPE(p.scalar_type() == param_dtype_, op_, ": parameter dtype changed from ", param_dtype_,
@@ -154,6 +176,7 @@ class TensorTable {
   std::vector<std::vector<at::Tensor>> slots_;
   std::vector<at::ScalarType> slot_dtypes_;
   at::ScalarType param_dtype_;
+  caffe2::TypeMeta param_meta_;  // param_dtype_, as TensorImpl holds it
   at::Device device_{at::kCPU};
   std::vector<Cached> cache_;
   std::vector<int64_t> layout_;

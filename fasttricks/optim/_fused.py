@@ -299,19 +299,20 @@ class FusedOptimizerMixin:
     def _fused_step(self, grad_scale, found_inf) -> None:
         sampler = self._ft_sampler
         entries = self._ft_cache.lookup(self)
-        if any(entry.on_meta for entry in entries):
-            # Meta params hold shapes, no values: torch's own step does what torch does with them.
-            _compat.torch_step(self, None)
-            return
-        rounding = any(rounds_stochastically(entry.group) for entry in entries)
-        if rounding:  # NOTE [stochastic rounding]: this step's key
-            self._ft_round_step += 1
-            self._ft_round_key = step_key(self.rounding_seed, self._ft_round_step)
         shards, real_views = [], []
-        for entry in entries:
+        rounding = False
+        for entry in entries:  # one pass: this runs every step
+            if entry.on_meta:
+                # Meta params hold shapes, no values: torch's own step does what torch does with them.
+                _compat.torch_step(self, None)
+                return
+            rounding = rounding or rounds_stochastically(entry.group)
             if entry.shards or entry.real_views:
                 shards += entry.shards
                 real_views += entry.real_views
+        if rounding:  # NOTE [stochastic rounding]: this step's key
+            self._ft_round_step += 1
+            self._ft_round_key = step_key(self.rounding_seed, self._ft_round_step)
         try:
             if shards:
                 bind_shard_grads(shards)
