@@ -318,8 +318,8 @@ void run_chunks(const std::vector<int64_t>& numels, const F& fn) {
 // tensor is a few cache lines of its own, scattered over the heap, and the
 // hardware prefetchers cannot guess the next one. So while tensor t runs, a
 // kernel asks for the first lines of tensor t + kTensorsAhead (its pointers
-// are known; null ones are skipped). Measured in bench/bench_optim.py
-// (10k_tiny), NOTE in docs/performance.md.
+// are known; null ones are skipped). NOTE [tiny tensors] in
+// docs/performance.md has the measurements.
 constexpr size_t kTensorsAhead = 8;
 template <typename... T>
 C10_ALWAYS_INLINE void prefetch_first_lines(const T*... ptrs) {
