@@ -5,7 +5,8 @@ Cases (docs/performance.md): AdamW and SGD momentum/nesterov on ResNet-50 shapes
 (25.6M params, 161 tensors) and on 100M params; bf16 params with fp32 master
 weights against torch's upcast + fused + downcast; AdamW in each precision
 (fp32, bf16 + fp32 master, bf16 + stochastic rounding with fp32 or bf16
-moments; speedup against our bf16 + master step, with the bytes moved and
+moments, and bf16 rounded to nearest, the same bytes without the rounding's
+arithmetic; speedup against our bf16 + master step, with the bytes moved and
 held per param); the host overhead of a step on 161 and on 10,000
 one-element tensors (torch fused and foreach beside it). Rows go to
 bench/results/optim_<device>.json.
@@ -68,6 +69,7 @@ PRECISION_BYTES = {
     "bf16_master": (28, 14),                # bf16 param written, fp32 master + moments
     "bf16_sr": (22, 10),                    # bf16 param, fp32 moments, stochastic rounding
     "bf16_sr_bf16_state": (14, 6),          # bf16 param and moments, stochastic rounding
+    "bf16_nearest": (14, 6),                # the same bytes rounded to nearest: what rounding costs
     "torch_fused_fp32": (28, 12),
     "torch_fused_bf16": (14, 6),            # torch keeps bf16 params' state in bf16, rounded to nearest
 }
@@ -122,6 +124,7 @@ def opt_cases(device):
         "bf16_master": ours_precision(torch.bfloat16, master_weights=True),
         "bf16_sr": ours_precision(torch.bfloat16, stochastic_rounding=True, state_dtype=torch.float32),
         "bf16_sr_bf16_state": ours_precision(torch.bfloat16, stochastic_rounding=True, state_dtype=torch.bfloat16),
+        "bf16_nearest": ours_precision(torch.bfloat16),
         "torch_fused_fp32": lambda shapes: torch.optim.AdamW(make(shapes, device), fused=True, **adam).step,
         "torch_fused_bf16": lambda shapes: torch.optim.AdamW(make(shapes, device, torch.bfloat16), fused=True,
                                                              **adam).step,
