@@ -18,6 +18,8 @@ struct AdamPtrs {
   A* avg;
   const AdamCoefs<O>* coefs;
   uint32_t key;  // NOTE [stochastic rounding]: the tensor's key this step
+
+  void prefetch() const { prefetch_first_lines(param, grad, master, exp_avg, exp_avg_sq, max_exp_avg_sq, avg); }
 };
 
 template <typename P, typename S, bool MASTER, bool SR, bool AMSGRAD, bool DECOUPLED, bool AVERAGE>
@@ -97,10 +99,7 @@ void adam_kernel(const std::vector<AdamPtrs<P, S, AverageT<P, MASTER, SR>, typen
   run_chunks(numels, [&](const Chunk& ch) {
     const auto& t = ptrs[ch.tensor];
     const auto& c = *t.coefs;
-    if (ch.begin == 0 && numels[ch.tensor] <= kUnit && size_t(ch.tensor) + kTensorsAhead < ptrs.size()) {
-      const auto& a = ptrs[ch.tensor + kTensorsAhead];
-      prefetch_first_lines(a.param, a.grad, a.master, a.exp_avg, a.exp_avg_sq, a.max_exp_avg_sq, a.avg);
-    }
+    prefetch_tensor_ahead<kUnit>(ptrs, numels, ch);
     auto body = [&](int64_t i, int64_t n, auto u_tag) { units(t, c, i, n, u_tag); };
     // Two units per call, except when rounding the 16-bit state without
     // AVX-512: there the random bits and both units' values outgrow the

@@ -343,6 +343,16 @@ C10_ALWAYS_INLINE void prefetch_first_lines(const T*... ptrs) {
   ((ptrs != nullptr ? __builtin_prefetch(ptrs, 1, 3) : void()), ...);
 }
 
+// Per chunk of a kernel: when the chunk starts a tensor of one unit or less,
+// ask for the lines of the tensor kTensorsAhead further on. A kernel's
+// per-tensor record (AdamPtrs, SgdPtrs) names its pointers in prefetch().
+template <int64_t kUnit, typename Ptrs>
+C10_ALWAYS_INLINE void prefetch_tensor_ahead(const std::vector<Ptrs>& ptrs, const std::vector<int64_t>& numels,
+                                             const Chunk& ch) {
+  const size_t ahead = static_cast<size_t>(ch.tensor) + kTensorsAhead;
+  if (ch.begin == 0 && numels[ch.tensor] <= kUnit && ahead < ptrs.size()) ptrs[ahead].prefetch();
+}
+
 // One chunk of a kernel, two vector units of kUnit elements per call while
 // they fit (the kernels issue both units' loads before any store, so more
 // lines are in flight), then single units for the tail:

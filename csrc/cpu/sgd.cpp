@@ -16,6 +16,8 @@ struct SgdPtrs {
   A* avg;
   bool first_step;
   uint32_t key;  // NOTE [stochastic rounding]: the tensor's key this step
+
+  void prefetch() const { prefetch_first_lines(param, grad, master, buf, avg); }
 };
 
 template <typename P, typename S, bool MASTER, bool SR, bool MOMENTUM, bool NESTEROV, bool DECOUPLED, bool AVERAGE>
@@ -69,10 +71,7 @@ void sgd_kernel(const std::vector<SgdPtrs<P, S, AverageT<P, MASTER, SR>>>& ptrs,
 
   run_chunks(numels, [&](const Chunk& ch) {
     const auto& t = ptrs[ch.tensor];
-    if (ch.begin == 0 && numels[ch.tensor] <= kUnit && size_t(ch.tensor) + kTensorsAhead < ptrs.size()) {
-      const auto& a = ptrs[ch.tensor + kTensorsAhead];
-      prefetch_first_lines(a.param, a.grad, a.master, a.buf, a.avg);
-    }
+    prefetch_tensor_ahead<kUnit>(ptrs, numels, ch);
     for_units<kUnit>(ch, [&](int64_t i, int64_t n, auto u_tag) { units(t, i, n, u_tag); });
   });
 }
