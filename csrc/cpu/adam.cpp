@@ -4,6 +4,7 @@
 #include "plans.h"
 #include "fasttricks/adam_math.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace fasttricks {
@@ -136,6 +137,10 @@ AdamPlan::AdamPlan(std::vector<at::Tensor> params, std::vector<at::Tensor> steps
       steps_(std::move(steps)), amsgrad_(amsgrad), decoupled_(decoupled) {
   TORCH_CHECK(steps_.size() == table_.size(), "Adam plan: one step tensor per parameter");
   for (const auto& s : steps_) counters_.emplace_back(s);
+  std::vector<const void*> addresses;
+  for (const auto& c : counters_) addresses.push_back(c.address());
+  std::sort(addresses.begin(), addresses.end());
+  distinct_counters_ = std::adjacent_find(addresses.begin(), addresses.end()) == addresses.end();
   TORCH_CHECK(!amsgrad_ || has_slot(kMaxExpAvgSq),
               "Adam plan: amsgrad needs max_exp_avg_sq for every parameter");
 }
@@ -148,25 +153,34 @@ int64_t AdamPlan::step(const AdamHyper& h, const std::optional<at::Tensor>& grad
   const double mul = h.grad_mul * inv_grad_scale(grad_scale) * (h.maximize ? -1.0 : 1.0);
   const bool average = has_averages() && avg_coef != 0.0;
 
+  const int64_t n = static_cast<int64_t>(gathered.size());
+  std::vector<double> steps(n);
+  std::vector<int64_t> numels(n);
+  auto bump = [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      if (k + static_cast<int64_t>(kTensorsAhead) < hi) {  // the step counters are tiny tensors too
+        prefetch_first_lines(counters_[gathered[k + kTensorsAhead].index].address());
+      }
+      steps[k] = counters_[gathered[k].index].bump();
+      numels[k] = gathered[k].numel;
+    }
+  };
+  if (distinct_counters_) {
+    for_tensor_ranges(n, bump);
+  } else {
+    bump(0, n);  // a step tensor shared by params is bumped once per param, in order, as torch does
+  }
   // Params usually share a step count: one set of coefficients per distinct
   // count, and each param points at its set.
   std::vector<AdamCoefs<double>> coefs;
-  std::vector<int32_t> coef_of(gathered.size());
-  std::vector<int64_t> numels(gathered.size());
-  double last_t = -1.0;
-  for (size_t k = 0; k < gathered.size(); ++k) {
-    if (k + kTensorsAhead < gathered.size()) {  // the step counters are tiny tensors too
-      prefetch_first_lines(counters_[gathered[k + kTensorsAhead].index].address());
-    }
-    const double t = counters_[gathered[k].index].bump();
-    if (t != last_t) {
+  std::vector<int32_t> coef_of(n);
+  for (int64_t k = 0; k < n; ++k) {
+    if (coefs.empty() || steps[k] != steps[k - 1]) {
       coefs.push_back(make_adam_coefs<double>(
-          h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, decoupled_, t, mul,
+          h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, decoupled_, steps[k], mul,
           [](double a, double b) { return std::pow(a, b); }, [](double a) { return std::sqrt(a); }));
-      last_t = t;
     }
     coef_of[k] = static_cast<int32_t>(coefs.size() - 1);
-    numels[k] = gathered[k].numel;
   }
 
   dispatch_dtypes(param_dtype(), state_dtype(), "Adam", [&](auto ptag, auto stag) {
@@ -178,15 +192,17 @@ int64_t AdamPlan::step(const AdamHyper& h, const std::optional<at::Tensor>& grad
     dispatch_precision<P, S>(has_master(), stochastic_rounding_, [&](auto master_tag, auto sr_tag) {
       constexpr bool MASTER = kOn<decltype(master_tag)>, SR = kOn<decltype(sr_tag)>;
       using A = AverageT<P, MASTER, SR>;
-      std::vector<AdamPtrs<P, S, A, O>> ptrs(gathered.size());
-      for (size_t k = 0; k < gathered.size(); ++k) {
-        const auto& g = gathered[k];
-        ptrs[k] = {static_cast<P*>(g.param), static_cast<const P*>(g.grad),
-                   static_cast<S*>(g.slots[kMaster]), static_cast<S*>(g.slots[kExpAvg]),
-                   static_cast<S*>(g.slots[kExpAvgSq]), static_cast<S*>(g.slots[kMaxExpAvgSq]),
-                   average ? static_cast<A*>(g.slots[average_slot()]) : nullptr, &ocoefs[coef_of[k]],
-                   tensor_key(h.round_key, g.index)};
-      }
+      std::vector<AdamPtrs<P, S, A, O>> ptrs(n);
+      for_tensor_ranges(n, [&](int64_t lo, int64_t hi) {
+        for (int64_t k = lo; k < hi; ++k) {
+          const auto& g = gathered[k];
+          ptrs[k] = {static_cast<P*>(g.param), static_cast<const P*>(g.grad),
+                     static_cast<S*>(g.slots[kMaster]), static_cast<S*>(g.slots[kExpAvg]),
+                     static_cast<S*>(g.slots[kExpAvgSq]), static_cast<S*>(g.slots[kMaxExpAvgSq]),
+                     average ? static_cast<A*>(g.slots[average_slot()]) : nullptr, &ocoefs[coef_of[k]],
+                     tensor_key(h.round_key, g.index)};
+        }
+      });
       dispatch_bool(amsgrad_, [&](auto ams) {
         dispatch_bool(decoupled_, [&](auto dec) {
           dispatch_bool(average, [&](auto avg) {
@@ -198,7 +214,7 @@ int64_t AdamPlan::step(const AdamHyper& h, const std::optional<at::Tensor>& grad
     });
   });
   scratch.apply();
-  return static_cast<int64_t>(gathered.size());
+  return n;
 }
 
 }  // namespace cpu

@@ -286,8 +286,25 @@ struct Chunk {
 // unit, so only a tensor's last unit can be partial); a unit never spans two
 // tensors.
 constexpr int64_t kUnitElems = 64;
-// Below this many elements in all, a parallel region costs more than it saves.
+// Below this many elements in all, a parallel region costs more than it saves,
+// unless there are at least kParallelTensors tensors: a tiny tensor costs a
+// few cache misses (30-60 ns a step), so thousands of them pay for the region
+// (NOTE [tiny tensors]).
 constexpr int64_t kSerialElems = int64_t(1) << 15;
+constexpr int64_t kParallelTensors = 2048;
+
+// A step's per-tensor host work (gathering pointers, bumping step counters,
+// filling the kernels' records) as fn(lo, hi) over tensors [lo, hi): split over
+// the threads from kParallelTensors tensors on, inline below. fn must not
+// throw, and tensors in different ranges must not share memory it writes.
+template <typename F>
+void for_tensor_ranges(int64_t n, const F& fn) {
+  if (n >= kParallelTensors) {
+    at::parallel_for(0, n, kParallelTensors / 2, fn);
+  } else {
+    fn(0, n);
+  }
+}
 // Units per block handed to a thread: 64K elements.
 constexpr int64_t kBlockUnits = 1024;
 
@@ -316,7 +333,7 @@ void run_chunks(const std::vector<int64_t>& numels, const F& fn) {
       lo = stop;
     }
   };
-  if (total < kSerialElems) return run(0, units);
+  if (total < kSerialElems && n < kParallelTensors) return run(0, units);
   // Threads take fixed-size blocks of units from a shared counter, so a core
   // that finishes early (small tensors restart the prefetchers more often)
   // helps with the rest; blocks go out in order, so the cores stream
@@ -442,6 +459,7 @@ constexpr int kMaxSlots = 5;
 // atomics (and a vector, a malloc) per parameter, which was most of the host
 // overhead of a step (docs/performance.md: <= 20 us for 161 tiny tensors).
 struct Gathered {
+  Gathered() {}               // left uninitialised: TensorTable::gather fills every row it keeps
   int64_t index;              // position in the plan
   int64_t numel;
   void* param;                // the param as written by the kernel

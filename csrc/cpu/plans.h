@@ -113,6 +113,7 @@ class AdamPlan : public PlanBase {
  private:
   std::vector<at::Tensor> steps_;  // kept alive for counters_
   std::vector<StepCounter> counters_;
+  bool distinct_counters_;  // no two params share a step tensor: the counters bump in parallel
   bool amsgrad_, decoupled_;
 };
 

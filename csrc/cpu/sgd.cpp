@@ -102,8 +102,8 @@ int64_t SgdPlan::step(const SgdHyper& h, const std::optional<at::Tensor>& grad_s
   const bool average = has_averages() && avg_coef != 0.0;
   const auto coefs = make_sgd_coefs<double>(h.lr, h.weight_decay, decoupled_, h.momentum, h.dampening, mul);
 
-  std::vector<int64_t> numels(gathered.size());
-  for (size_t k = 0; k < gathered.size(); ++k) numels[k] = gathered[k].numel;
+  const int64_t n = static_cast<int64_t>(gathered.size());
+  std::vector<int64_t> numels(n);
 
   dispatch_dtypes(param_dtype(), state_dtype(), "SGD", [&](auto ptag, auto stag) {
     using P = typename decltype(ptag)::type;
@@ -114,14 +114,17 @@ int64_t SgdPlan::step(const SgdHyper& h, const std::optional<at::Tensor>& grad_s
     dispatch_precision<P, S>(has_master(), stochastic_rounding_, [&](auto master_tag, auto sr_tag) {
       constexpr bool MASTER = kOn<decltype(master_tag)>, SR = kOn<decltype(sr_tag)>;
       using A = AverageT<P, MASTER, SR>;
-      std::vector<SgdPtrs<P, S, A>> ptrs(gathered.size());
-      for (size_t k = 0; k < gathered.size(); ++k) {
-        const auto& g = gathered[k];
-        ptrs[k] = {static_cast<P*>(g.param), static_cast<const P*>(g.grad),
-                   static_cast<S*>(g.slots[kMaster]), static_cast<S*>(g.slots[kBuf]),
-                   average ? static_cast<A*>(g.slots[average_slot()]) : nullptr,
-                   momentum_ && first_step_[g.index] != 0, tensor_key(h.round_key, g.index)};
-      }
+      std::vector<SgdPtrs<P, S, A>> ptrs(n);
+      for_tensor_ranges(n, [&](int64_t lo, int64_t hi) {
+        for (int64_t k = lo; k < hi; ++k) {
+          const auto& g = gathered[k];
+          ptrs[k] = {static_cast<P*>(g.param), static_cast<const P*>(g.grad),
+                     static_cast<S*>(g.slots[kMaster]), static_cast<S*>(g.slots[kBuf]),
+                     average ? static_cast<A*>(g.slots[average_slot()]) : nullptr,
+                     momentum_ && first_step_[g.index] != 0, tensor_key(h.round_key, g.index)};
+          numels[k] = g.numel;
+        }
+      });
       dispatch_bool(momentum_, [&](auto mom) {
         dispatch_bool(nesterov_ && momentum_, [&](auto nes) {
           dispatch_bool(decoupled_, [&](auto dec) {
@@ -140,7 +143,7 @@ int64_t SgdPlan::step(const SgdHyper& h, const std::optional<at::Tensor>& grad_s
   if (momentum_) {
     for (const auto& g : gathered) first_step_[g.index] = 0;
   }
-  return static_cast<int64_t>(gathered.size());
+  return n;
 }
 
 std::vector<bool> SgdPlan::first_step_flags() const {

@@ -63,10 +63,41 @@ class TensorTable {
   // kernels read and write. Nothing is written here; temporaries for
   // layouts that differ go into `scratch` (copied back by scratch.apply()).
   std::vector<Gathered> gather(Scratch& scratch) const {
-    std::vector<Gathered> out;
-    out.reserve(params_.size());
-    for (size_t i = 0; i < params_.size(); ++i) {
-      if (i + kTensorsAhead < params_.size()) {  // multi_tensor.h: the fields read below, some params ahead
+    const int64_t n = static_cast<int64_t>(params_.size());
+    std::vector<Gathered> rows(n);
+    std::vector<uint8_t> kinds(n);
+    // The fast path only reads, so many params split over the threads (NOTE
+    // [tiny tensors]: each param is a few cache misses); what it cannot vouch
+    // for is checked below, in order, so the first bad param raises as before.
+    for_tensor_ranges(n, [&](int64_t lo, int64_t hi) { gather_fast(lo, hi, rows.data(), kinds.data()); });
+    int64_t kept = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      if (kinds[i] == kNoGrad) continue;
+      if (kinds[i] == kFullCheck) {
+        const at::Tensor& g = params_[i].unsafeGetTensorImpl()->grad();
+        check_param_and_grad(params_[i], g);
+        gather_checked(i, params_[i], g, rows[i], scratch);
+      }
+      if (kept != i) rows[kept] = rows[i];
+      ++kept;
+    }
+    rows.resize(kept);
+    return rows;
+  }
+
+ private:
+  struct Cached;
+
+  void check_slot_length(const std::vector<at::Tensor>& s) const {
+    TORCH_CHECK(s.empty() || s.size() == params_.size(), op_, ": one state tensor per parameter (or none)");
+  }
+
+  enum RowKind : uint8_t { kNoGrad, kFast, kFullCheck };
+
+  // Params [lo, hi): the rows the fast path can fill, and what each needs.
+  void gather_fast(int64_t lo, int64_t hi, Gathered* rows, uint8_t* kinds) const {
+    for (int64_t i = lo; i < hi; ++i) {
+      if (i + static_cast<int64_t>(kTensorsAhead) < hi) {  // multi_tensor.h: the fields read below, ahead
         const char* ahead = reinterpret_cast<const char*>(params_[i + kTensorsAhead].unsafeGetTensorImpl());
         prefetch_first_lines(ahead, ahead + 64, ahead + 128);
       }
@@ -75,27 +106,24 @@ class TensorTable {
       // whether the param is a leaf (a virtual call per param) so as to warn
       // about .grad of non-leaves, and torch.optim takes leaves only.
       const at::Tensor& g = pi->grad();
-      if (!g.defined()) continue;
+      Gathered& row = rows[i];
+      row.index = i;
+      row.numel = pi->numel();
       const Cached& c = cache_[i];
-      Gathered row{static_cast<int64_t>(i), pi->numel(), nullptr, nullptr, {}};
-      if (c.fast && fast_layout(*pi, *g.unsafeGetTensorImpl(), c)) {
+      if (!g.defined()) {
+        kinds[i] = kNoGrad;
+      } else if (c.fast && fast_layout(*pi, *g.unsafeGetTensorImpl(), c)) {
+        kinds[i] = kFast;
         row.param = pi->mutable_data();
         row.grad = g.unsafeGetTensorImpl()->data();
         std::copy(std::begin(c.slots), std::end(c.slots), row.slots);
       } else {
-        check_param_and_grad(params_[i], g);
-        gather_checked(i, params_[i], g, row, scratch);
+        kinds[i] = kFullCheck;
+        row.param = nullptr;
+        row.grad = nullptr;
+        std::fill(std::begin(row.slots), std::end(row.slots), nullptr);
       }
-      out.push_back(row);
     }
-    return out;
-  }
-
- private:
-  struct Cached;
-
-  void check_slot_length(const std::vector<at::Tensor>& s) const {
-    TORCH_CHECK(s.empty() || s.size() == params_.size(), op_, ": one state tensor per parameter (or none)");
   }
 
   // Whether a param and its grad are as recorded (dense, on the table's
