@@ -96,16 +96,42 @@ class TensorTable {
 
   // Params [lo, hi): the rows the fast path can fill, and what each needs.
   void gather_fast(int64_t lo, int64_t hi, Gathered* rows, uint8_t* kinds) const {
+    // Each param is a chain of objects (TensorImpl, its autograd meta, the
+    // grad's TensorImpl, the two storages), so the prefetches run as a
+    // pipeline: a stage follows one pointer of a param whose earlier
+    // objects an earlier stage brought in.
+    constexpr int64_t kImplAhead = 16, kMetaAhead = 8, kGradAhead = 4, kStorageAhead = 2, kRing = 8;
+    const at::Tensor* grads[kRing];  // params i .. i + kGradAhead: their grads
+    auto impl = [&](int64_t j) { return params_[j].unsafeGetTensorImpl(); };
+    auto prefetch_storage = [](const c10::TensorImpl* t) {
+      prefetch_first_lines(t->unsafe_storage().unsafeGetStorageImpl());
+    };
+    for (int64_t j = lo; j < std::min(hi, lo + kGradAhead); ++j) grads[j % kRing] = &impl(j)->grad();
     for (int64_t i = lo; i < hi; ++i) {
-      if (i + static_cast<int64_t>(kTensorsAhead) < hi) {  // multi_tensor.h: the fields read below, ahead
-        const char* ahead = reinterpret_cast<const char*>(params_[i + kTensorsAhead].unsafeGetTensorImpl());
-        prefetch_first_lines(ahead, ahead + 64, ahead + 128);
+      if (i + kImplAhead < hi) {
+        const char* p = reinterpret_cast<const char*>(impl(i + kImplAhead));
+        prefetch_first_lines(p, p + 64, p + 128);
       }
-      c10::TensorImpl* pi = params_[i].unsafeGetTensorImpl();
+      if (i + kMetaAhead < hi) {
+        prefetch_first_lines(impl(i + kMetaAhead)->autograd_meta());
+        prefetch_storage(impl(i + kMetaAhead));
+      }
+      if (i + kGradAhead < hi) {
+        const at::Tensor* ga = &impl(i + kGradAhead)->grad();
+        grads[(i + kGradAhead) % kRing] = ga;
+        if (ga->defined()) {
+          const char* p = reinterpret_cast<const char*>(ga->unsafeGetTensorImpl());
+          prefetch_first_lines(p, p + 64, p + 128);
+        }
+      }
+      if (i + kStorageAhead < hi && grads[(i + kStorageAhead) % kRing]->defined()) {
+        prefetch_storage(grads[(i + kStorageAhead) % kRing]->unsafeGetTensorImpl());
+      }
+      c10::TensorImpl* pi = impl(i);
       // TensorImpl::grad, not Tensor::grad: the latter first asks autograd
       // whether the param is a leaf (a virtual call per param) so as to warn
       // about .grad of non-leaves, and torch.optim takes leaves only.
-      const at::Tensor& g = pi->grad();
+      const at::Tensor& g = *grads[i % kRing];
       Gathered& row = rows[i];
       row.index = i;
       row.numel = pi->numel();
