@@ -305,6 +305,7 @@ void for_tensor_ranges(int64_t n, const F& fn) {
     fn(0, n);
   }
 }
+
 // Units per block handed to a thread: 64K elements.
 constexpr int64_t kBlockUnits = 1024;
 
