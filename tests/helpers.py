@@ -85,3 +85,27 @@ def rule_factor(backend, dtype):
     instead of rounding to nearest (see above), which doubles its drift."""
     low = dtype in (torch.bfloat16, torch.float16)
     return 4.0 if low and backend == "triton" and _backends.triton_interpreting() else 2.0
+
+
+def twins(cls, tcls, cfg, backend, shapes):
+    """A fasttricks optimizer on `backend` and a torch one, each over its own copy
+    of the same params of `shapes`."""
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(s, generator=g) for s in shapes]
+    ours = [b.clone().requires_grad_() for b in base]
+    theirs = [b.clone().requires_grad_() for b in base]
+    return ours, cls(ours, backend=backend, **cfg), theirs, tcls(theirs, **cfg)
+
+
+def assert_agree(ours, opt, theirs, topt):
+    """The params and the saved state of the two twins agree."""
+    assert max_err(ours, theirs) < 1e-5
+    sd, tsd = opt.state_dict(), topt.state_dict()
+    assert sd["state"].keys() == tsd["state"].keys()
+    for k in tsd["state"]:
+        assert sd["state"][k].keys() == tsd["state"][k].keys(), k
+        for name, v in tsd["state"][k].items():
+            if torch.is_tensor(v):
+                assert max_err([sd["state"][k][name]], [v]) < 1e-5, (k, name)
+            else:
+                assert sd["state"][k][name] == v

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fasttricks.optim as fo
-from helpers import BACKENDS, max_err
+from helpers import BACKENDS, assert_agree, max_err, twins
 
 N = 2500  # above kParallelTensors, so both threads of CI's machine take a share
 # The cpu backend's plans are what the split serves. (The device plans gather
@@ -24,14 +24,6 @@ def shapes():
     return [(3, 5) if i % 97 == 0 else (1,) for i in range(N)]
 
 
-def twins(cls, tcls, cfg, backend):
-    g = torch.Generator().manual_seed(0)
-    base = [torch.randn(s, generator=g) for s in shapes()]
-    ours = [b.clone().requires_grad_() for b in base]
-    theirs = [b.clone().requires_grad_() for b in base]
-    return ours, cls(ours, backend=backend, **cfg), theirs, tcls(theirs, **cfg)
-
-
 def set_grads(ours, theirs, seed):
     g = torch.Generator().manual_seed(seed)
     for i, (p, q) in enumerate(zip(ours, theirs)):
@@ -46,18 +38,9 @@ def set_grads(ours, theirs, seed):
         p.grad, q.grad = grad, grad.clone()
 
 
-def assert_agree(ours, opt, theirs, topt):
-    assert max_err(ours, theirs) < 1e-5
-    sd, tsd = opt.state_dict()["state"], topt.state_dict()["state"]
-    assert sd.keys() == tsd.keys()
-    for k, entry in tsd.items():
-        for name, v in entry.items():
-            assert max_err([sd[k][name]], [v]) < 1e-5, (k, name)
-
-
 @pytest.mark.parametrize("cls,tcls,cfg", CASES, ids=["Adam-amsgrad", "AdamW", "SGD-nesterov"])
 def test_many_params_step_as_torch(cls, tcls, cfg):
-    ours, opt, theirs, topt = twins(cls, tcls, cfg, "cpu")
+    ours, opt, theirs, topt = twins(cls, tcls, cfg, "cpu", shapes())
     for seed in range(3):
         set_grads(ours, theirs, seed)
         opt.step()
@@ -67,7 +50,7 @@ def test_many_params_step_as_torch(cls, tcls, cfg):
 
 @pytest.mark.parametrize("bad", [N // 2 - 1, N - 1])  # in either thread's share
 def test_a_bad_grad_among_many_changes_nothing(bad):
-    ours, opt, theirs, topt = twins(fo.AdamW, torch.optim.AdamW, dict(lr=1e-2), "cpu")
+    ours, opt, theirs, topt = twins(fo.AdamW, torch.optim.AdamW, dict(lr=1e-2), "cpu", shapes())
     set_grads(ours, theirs, 1)
     opt.step()
     before = [p.detach().clone() for p in ours]
@@ -88,7 +71,7 @@ def test_a_step_tensor_shared_by_many_params_counts_as_in_torch():
     # torch bumps state["step"] once per param, so a step tensor two params
     # share (a user's assignment) counts twice a step; the counters then
     # bump in order, on one thread, and must agree.
-    ours, opt, theirs, topt = twins(fo.Adam, torch.optim.Adam, dict(lr=1e-2), "cpu")
+    ours, opt, theirs, topt = twins(fo.Adam, torch.optim.Adam, dict(lr=1e-2), "cpu", shapes())
     set_grads(ours, theirs, 1)
     opt.step()
     topt.step()

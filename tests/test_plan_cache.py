@@ -16,7 +16,7 @@ from fasttricks import _backends
 from fasttricks._table import ADAM_ROWS, CHUNK, SGD_ROWS
 from fasttricks.ops.adam import AdamHyper, DeviceAdamPlan
 from fasttricks.ops.sgd import SgdHyper
-from helpers import BACKENDS, max_err
+from helpers import BACKENDS, assert_agree, max_err, twins
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(3, 5), (7,), ()]
@@ -27,14 +27,6 @@ FAMILIES = [(fo.Adam, torch.optim.Adam, dict(lr=1e-2, amsgrad=True, weight_decay
 FAMILY_IDS = ["Adam", "AdamW", "SGD-dampening", "SGD-nesterov"]
 
 
-def twins(cls, tcls, cfg, backend, shapes=SHAPES):
-    g = torch.Generator().manual_seed(0)
-    base = [torch.randn(s, generator=g) for s in shapes]
-    ours = [b.clone().requires_grad_() for b in base]
-    theirs = [b.clone().requires_grad_() for b in base]
-    return ours, cls(ours, backend=backend, **cfg), theirs, tcls(theirs, **cfg)
-
-
 def step_both(ours, opt, theirs, topt, seed):
     g = torch.Generator().manual_seed(seed)
     for p, q in zip(ours, theirs):
@@ -42,19 +34,6 @@ def step_both(ours, opt, theirs, topt, seed):
         p.grad, q.grad = grad.clone(), grad.clone()
     opt.step()
     topt.step()
-
-
-def assert_agree(ours, opt, theirs, topt):
-    assert max_err(ours, theirs) < 1e-5
-    sd, tsd = opt.state_dict(), topt.state_dict()
-    assert sd["state"].keys() == tsd["state"].keys()
-    for k in tsd["state"]:
-        assert sd["state"][k].keys() == tsd["state"][k].keys(), k
-        for name, v in tsd["state"][k].items():
-            if torch.is_tensor(v):
-                assert max_err([sd["state"][k][name]], [v]) < 1e-5, (k, name)
-            else:
-                assert sd["state"][k][name] == v
 
 
 CHANGES = {
@@ -85,7 +64,7 @@ def _apply(change, opt, params, fresh):
 @pytest.mark.parametrize("change", list(CHANGES))
 @pytest.mark.parametrize("cls,tcls,cfg", FAMILIES, ids=FAMILY_IDS)
 def test_changes_under_the_optimizer_act_as_in_torch(backend, change, cls, tcls, cfg):
-    ours, opt, theirs, topt = twins(cls, tcls, cfg, backend)
+    ours, opt, theirs, topt = twins(cls, tcls, cfg, backend, SHAPES)
     for seed in range(2):
         step_both(ours, opt, theirs, topt, seed)
     fresh = torch.randn(SHAPES[0], generator=torch.Generator().manual_seed(9))
@@ -98,7 +77,7 @@ def test_changes_under_the_optimizer_act_as_in_torch(backend, change, cls, tcls,
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_add_param_group_and_load_state_dict_continue_as_torch(backend):
-    ours, opt, theirs, topt = twins(fo.AdamW, torch.optim.AdamW, dict(lr=1e-2), backend)
+    ours, opt, theirs, topt = twins(fo.AdamW, torch.optim.AdamW, dict(lr=1e-2), backend, SHAPES)
     step_both(ours, opt, theirs, topt, 0)
     extra = torch.randn(4, 3)
     ours.append(extra.clone().requires_grad_())
@@ -115,7 +94,7 @@ def test_add_param_group_and_load_state_dict_continue_as_torch(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sgd_buffer_set_to_none_restarts_and_old_checkpoints_load(backend):
     cfg = dict(lr=0.1, momentum=0.9, dampening=0.5)
-    ours, opt, theirs, topt = twins(fo.SGD, torch.optim.SGD, cfg, backend)
+    ours, opt, theirs, topt = twins(fo.SGD, torch.optim.SGD, cfg, backend, SHAPES)
     step_both(ours, opt, theirs, topt, 0)
     for o, ps in ((opt, ours), (topt, theirs)):
         o.state[ps[0]]["momentum_buffer"] = None  # torch's reset idiom
@@ -132,7 +111,7 @@ def test_sgd_buffer_set_to_none_restarts_and_old_checkpoints_load(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sgd_without_momentum_keeps_no_state(backend):
-    ours, opt, theirs, topt = twins(fo.SGD, torch.optim.SGD, dict(lr=0.1), backend)
+    ours, opt, theirs, topt = twins(fo.SGD, torch.optim.SGD, dict(lr=0.1), backend, SHAPES)
     step_both(ours, opt, theirs, topt, 0)
     assert opt.state_dict()["state"] == topt.state_dict()["state"] == {}
     assert len(opt.state) == 0
@@ -140,7 +119,7 @@ def test_sgd_without_momentum_keeps_no_state(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sgd_buffer_enters_the_state_on_its_first_committed_step(backend):
-    ours, opt, *_ = twins(fo.SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9), backend)
+    ours, opt, *_ = twins(fo.SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9), backend, SHAPES)
     for p in ours:
         p.grad = torch.ones_like(p)
     opt.found_inf = torch.tensor(1.0)
@@ -175,7 +154,7 @@ def test_float64_step_from_torch_works(backend):
 
 
 def test_cache_is_reused_when_nothing_changes():
-    ours, opt, theirs, topt = twins(fo.AdamW, torch.optim.AdamW, dict(lr=1e-2), "reference")
+    ours, opt, theirs, topt = twins(fo.AdamW, torch.optim.AdamW, dict(lr=1e-2), "reference", SHAPES)
     step_both(ours, opt, theirs, topt, 0)
     plans = [plan for entry in opt._ft_cache.lookup(opt) for plan in entry.buckets]
     step_both(ours, opt, theirs, topt, 1)
@@ -188,7 +167,7 @@ def test_cache_is_reused_when_nothing_changes():
 
 
 def test_checkpoints_hold_plain_containers():
-    ours, opt, theirs, topt = twins(fo.SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9), "reference")
+    ours, opt, theirs, topt = twins(fo.SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9), "reference", SHAPES)
     step_both(ours, opt, theirs, topt, 0)
     sd = opt.state_dict()
     assert all(type(v) is dict for v in sd["state"].values())
