@@ -103,15 +103,16 @@ class TensorTable {
     constexpr int64_t kImplAhead = 16, kMetaAhead = 8, kGradAhead = 4, kStorageAhead = 2, kRing = 8;
     const at::Tensor* grads[kRing];  // params i .. i + kGradAhead: their grads
     auto impl = [&](int64_t j) { return params_[j].unsafeGetTensorImpl(); };
+    auto prefetch_impl = [](const c10::TensorImpl* t) {  // the lines of the fields read below
+      const char* p = reinterpret_cast<const char*>(t);
+      prefetch_first_lines(p, p + 64, p + 128);
+    };
     auto prefetch_storage = [](const c10::TensorImpl* t) {
       prefetch_first_lines(t->unsafe_storage().unsafeGetStorageImpl());
     };
     for (int64_t j = lo; j < std::min(hi, lo + kGradAhead); ++j) grads[j % kRing] = &impl(j)->grad();
     for (int64_t i = lo; i < hi; ++i) {
-      if (i + kImplAhead < hi) {
-        const char* p = reinterpret_cast<const char*>(impl(i + kImplAhead));
-        prefetch_first_lines(p, p + 64, p + 128);
-      }
+      if (i + kImplAhead < hi) prefetch_impl(impl(i + kImplAhead));
       if (i + kMetaAhead < hi) {
         prefetch_first_lines(impl(i + kMetaAhead)->autograd_meta());
         prefetch_storage(impl(i + kMetaAhead));
@@ -119,10 +120,7 @@ class TensorTable {
       if (i + kGradAhead < hi) {
         const at::Tensor* ga = &impl(i + kGradAhead)->grad();
         grads[(i + kGradAhead) % kRing] = ga;
-        if (ga->defined()) {
-          const char* p = reinterpret_cast<const char*>(ga->unsafeGetTensorImpl());
-          prefetch_first_lines(p, p + 64, p + 128);
-        }
+        if (ga->defined()) prefetch_impl(ga->unsafeGetTensorImpl());
       }
       if (i + kStorageAhead < hi && grads[(i + kStorageAhead) % kRing]->defined()) {
         prefetch_storage(grads[(i + kStorageAhead) % kRing]->unsafeGetTensorImpl());
