@@ -181,6 +181,27 @@ def test_differentiable_falls_back_to_torch():
     assert torch.equal(w0.grad, torch.ones(3))
 
 
+def test_differentiable_switched_on_later_runs_torchs_step(monkeypatch):
+    """A group switched to differentiable=True after the plans were built
+    steps through torch's own step from then on (the switch is one of the
+    plan flags), and through the fused plans again once switched off; the
+    values follow torch.optim.SGD throughout."""
+    from fasttricks.optim import _compat
+    calls = []
+    torch_step = _compat.torch_step
+    monkeypatch.setattr(_compat, "torch_step", lambda opt, closure: calls.append(1) or torch_step(opt, closure))
+    w, ref = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
+    opt, peer = fo.SGD([w], lr=0.5, momentum=0.9), torch.optim.SGD([ref], lr=0.5, momentum=0.9)
+    for differentiable, torch_steps in ((False, 0), (True, 1), (False, 1)):
+        opt.param_groups[0]["differentiable"] = differentiable
+        w.grad, ref.grad = torch.ones(3), torch.ones(3)
+        with torch.no_grad():  # torch's differentiable step writes the leaf in place
+            opt.step()
+        peer.step()
+        assert len(calls) == torch_steps
+        torch.testing.assert_close(w.detach(), ref.detach())
+
+
 def test_backends_report():
     report = fasttricks.backends()
     assert set(report) == {"reference", "cpu", "triton", "cuda"}

@@ -186,13 +186,15 @@ class FusedOptimizerMixin:
     # ---- plans (NOTE [plan cache]) -------------------------------------------
 
     def _plan_flags(self, group) -> tuple:
-        """The group switches a plan is built for: a change rebuilds it."""
-        return (group["backend"], bool(group["master_weights"]), rounds_stochastically(group),
-                group.get("state_dtype"), *self._family_flags(group))
+        """The group switches a plan is built for: a change rebuilds it. (Read
+        as they are, not through rounds_stochastically() and friends: this runs
+        every step, and each call costs the cold step time.)"""
+        return (group["backend"], group["master_weights"], group.get("stochastic_rounding"),
+                group.get("state_dtype"), group.get("differentiable"), *self._family_flags(group))
 
     def _build_group(self, group, flags) -> GroupPlans:
-        if any(p.device.type == "meta" for p in group["params"]):
-            return GroupPlans(group, flags, [], [], [], on_meta=True)
+        if group.get("differentiable") or any(p.device.type == "meta" for p in group["params"]):
+            return GroupPlans(group, flags, [], [], [], torch_step=True)
         buckets: dict[tuple, list] = {}
         stateless, created, sparse = [], [], []
         backends: dict = {}
@@ -260,53 +262,42 @@ class FusedOptimizerMixin:
             closure (Callable, optional): A closure that reevaluates the model
                 and returns the loss.
         """
-        sampler = self._ft_sampler
         if self.__dict__.get("_ft_pending_samplers"):
             raise RuntimeError(
                 "fasttricks: the loaded optimizer checkpoint holds the state of sampler(s) "
                 f"{sorted(self._ft_pending_samplers)} that no sampler has claimed; create them (same class, and "
                 "the same name= if one was given) before stepping, or call optimizer.discard_sampler_state()")
-        if any(group.get("differentiable") for group in self.param_groups):
-            loss = _compat.torch_step(self, closure)  # autograd through the update: torch's own step
-            if sampler is not None:
-                sampler.sample_after_step()
-            return loss
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        if torch.compiler.is_compiling():  # NOTE [compiled step]: one custom op
-            _compiled.step(self, grad_scale, found_inf)
-        else:
+        if not torch.compiler.is_compiling():
             self._eager_step(grad_scale, found_inf)
+        elif any(group.get("differentiable") for group in self.param_groups):
+            self._torch_step()  # traced as torch's own step
+        else:
+            _compiled.step(self, grad_scale, found_inf)  # NOTE [compiled step]: one custom op
         return loss
 
-    def _eager_step(self, grad_scale, found_inf) -> None:
-        try:
-            self._fused_step(grad_scale, found_inf)
-        except RuntimeError:
-            # NOTE [sparse grads]: a param that had a dense grad when its plan was
-            # built has a sparse one now (its plan refused it, writing nothing);
-            # the plans, rebuilt as after any failed step, take it out of the
-            # fused step. Asked of the grads, not of the error's wording.
-            if not (self._sparse_grads_ok and any(p.grad is not None and p.grad.is_sparse
-                                                  for g in self.param_groups for p in g["params"])):
-                raise
-            self._fused_step(grad_scale, found_inf)
+    def _torch_step(self) -> None:
+        """torch's own step, for what the plans leave to it: `differentiable=True`
+        (autograd through the update) and meta params (shapes, no values)."""
+        _compat.torch_step(self, None)
+        if self._ft_sampler is not None:
+            self._ft_sampler.sample_after_step()
 
-    def _fused_step(self, grad_scale, found_inf) -> None:
+    def _eager_step(self, grad_scale, found_inf, retry_sparse: bool = True) -> None:
         sampler = self._ft_sampler
         entries = self._ft_cache.lookup(self)
         shards, real_views = [], []
         rounding = False
         for entry in entries:  # one pass: this runs every step
-            if entry.on_meta:
-                # Meta params hold shapes, no values: torch's own step does what torch does with them.
-                _compat.torch_step(self, None)
+            if entry.torch_step:
+                self._torch_step()
                 return
-            rounding = rounding or rounds_stochastically(entry.group)
+            rounding = rounding or entry.rounding
             if entry.shards or entry.real_views:
                 shards += entry.shards
                 real_views += entry.real_views
@@ -340,14 +331,21 @@ class FusedOptimizerMixin:
                 if sampler is not None:  # the plans check before writing: nothing was stepped
                     sampler.cancel_step()
                 raise
-        except BaseException:
+        except BaseException as exc:
             # ... and the state this step created goes again (the plans are built anew next time).
             for entry in entries:
                 self._forget_state(entry.created)
             self._ft_cache.clear()
             if rounding:
                 self._ft_round_step -= 1
-            raise
+            # NOTE [sparse grads]: a param that had a dense grad when its plan was
+            # built has a sparse one now (its plan refused it, writing nothing);
+            # the plans, rebuilt as after any failed step, take it out of the
+            # fused step. Asked of the grads, not of the error's wording.
+            if not (retry_sparse and isinstance(exc, RuntimeError) and self._sparse_grads_ok and any(
+                    p.grad is not None and p.grad.is_sparse for g in self.param_groups for p in g["params"])):
+                raise
+            return self._eager_step(grad_scale, found_inf, retry_sparse=False)
         finally:
             for _, view in shards + real_views:  # the params' grads own these: do not keep them alive
                 view.grad = None

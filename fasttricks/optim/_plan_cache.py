@@ -110,9 +110,9 @@ class GroupPlans:
     """The plans of one param group, and what they were built from."""
 
     __slots__ = ("group", "params", "params_version", "flags", "buckets", "stateless", "shards", "real_views",
-                 "created", "on_meta", "sparse")
+                 "created", "torch_step", "rounding", "sparse")
 
-    def __init__(self, group, flags, buckets, stateless, shards, on_meta=False, real_views=()):
+    def __init__(self, group, flags, buckets, stateless, shards, torch_step=False, real_views=()):
         self.group = group
         self.params = group["params"]
         self.params_version = self.params.version
@@ -122,7 +122,8 @@ class GroupPlans:
         self.shards = shards        # NOTE [DTensor shards]: (DTensor param, its local tensor)
         self.real_views = real_views  # NOTE [complex params]: (complex param, its real view)
         self.created = ()           # params whose state this build created, until a step commits
-        self.on_meta = on_meta      # meta params: torch's own step runs them
+        self.torch_step = torch_step  # differentiable=True or meta params: torch's own step runs them
+        self.rounding = rounds_stochastically(group)
         self.sparse = []            # NOTE [sparse grads]: params stepped outside the plans
 
     def valid(self, group, flags) -> bool:

@@ -32,7 +32,7 @@ _EXTRA_DOC = """
 
 class _AdamFamily(FusedOptimizerMixin):
     def _family_flags(self, group):
-        return (bool(group["amsgrad"]), self._decoupled(group))
+        return group["amsgrad"], group.get("decoupled_weight_decay")
 
     def _decoupled(self, group) -> bool:
         return bool(group.get("decoupled_weight_decay", False))

@@ -39,7 +39,7 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
         self._ft_init(backend, master_weights, stochastic_rounding, state_dtype, rounding_seed)
 
     def _family_flags(self, group):
-        return (group["momentum"] != 0, bool(group["nesterov"]), bool(group.get("decoupled_weight_decay")))
+        return group["momentum"] != 0, group["nesterov"], group.get("decoupled_weight_decay")
 
     def _needs_state(self, group, state) -> bool:
         # A param without a buffer waits, stateless, for its first grad.
