@@ -93,6 +93,7 @@ class TensorTable {
   }
 
   enum RowKind : uint8_t { kNoGrad, kFast, kFullCheck };
+  static constexpr int64_t kPrefetchDataTensors = 1024;
 
   // Params [lo, hi): the rows the fast path can fill, and what each needs.
   void gather_fast(int64_t lo, int64_t hi, Gathered* rows, uint8_t* kinds) const {
@@ -110,6 +111,10 @@ class TensorTable {
     auto prefetch_storage = [](const c10::TensorImpl* t) {
       prefetch_first_lines(t->unsafe_storage().unsafeGetStorageImpl());
     };
+    // A small table's data lines fit the cache with room to spare: asking
+    // for them here overlaps their misses with the gather's (NOTE [tiny
+    // tensors]); a large one's would evict each other before the kernel runs.
+    const bool prefetch_data = static_cast<int64_t>(params_.size()) <= kPrefetchDataTensors;
     for (int64_t j = lo; j < std::min(hi, lo + kGradAhead); ++j) grads[j % kRing] = &impl(j)->grad();
     for (int64_t i = lo; i < hi; ++i) {
       if (i + kImplAhead < hi) prefetch_impl(impl(i + kImplAhead));
@@ -141,6 +146,10 @@ class TensorTable {
         row.param = pi->mutable_data();
         row.grad = g.unsafeGetTensorImpl()->data();
         std::copy(std::begin(c.slots), std::end(c.slots), row.slots);
+        if (prefetch_data) {  // the kernel's first lines, in flight while the gather goes on
+          prefetch_first_lines(row.param, row.grad);
+          for (const void* s : c.slots) prefetch_first_lines(s);
+        }
       } else {
         kinds[i] = kFullCheck;
         row.param = nullptr;
