@@ -233,6 +233,30 @@ def test_table_rows_agree_in_python_cpp_and_cuda():
         assert tuple(ext.SGD_HYPER_FIELDS) == SgdHyper._fields
 
 
+@pytest.mark.skipif(_backends.cpu_ext() is None, reason="CPU extension not built")
+@pytest.mark.parametrize("cls,kw", [(fo.AdamW, {"lr": 0.1}), (fo.SGD, {"lr": 0.1, "momentum": 0.9})])
+def test_cpu_plans_read_hyper_records_by_position_or_by_name(cls, kw):
+    """The C++ plans read an AdamHyper/SgdHyper by position; any other record
+    by field name (the same step), and one that lacks a field raises instead
+    of shifting values."""
+    from types import SimpleNamespace
+    params = [torch.tensor([1.0, -2.0, 3.0], requires_grad=True) for _ in range(2)]
+    plans = []
+    for p in params:
+        p.grad = torch.tensor([0.5, 0.25, -1.0])
+        opt = cls([p], backend="cpu", **kw)
+        opt.step()
+        plans.append((opt._ft_cache.lookup(opt)[0].buckets[0], opt._hyper(opt.param_groups[0])))
+    (by_position, record), (by_name, _) = plans
+    assert by_position.step(record, None, None, 0.0) == 1
+    assert by_name.step(SimpleNamespace(**record._asdict()), None, None, 0.0) == 1
+    assert torch.equal(params[0].detach(), params[1].detach())
+    with pytest.raises(AttributeError):
+        by_name.step(SimpleNamespace(**{k: v for k, v in record._asdict().items() if k != "lr"}), None, None, 0.0)
+    with pytest.raises(AttributeError):  # a tuple of another length is not read by position
+        by_name.step(tuple(record)[:-1], None, None, 0.0)
+
+
 def test_kernels_are_leaves():
     """kernels/*.py import nothing from fasttricks.ops (the plans receive their launch functions)."""
     for path in (ROOT / "kernels").glob("*.py"):

@@ -147,6 +147,9 @@ AdamPlan::AdamPlan(std::vector<at::Tensor> params, std::vector<at::Tensor> steps
 
 int64_t AdamPlan::step(const AdamHyper& h, const std::optional<at::Tensor>& grad_scale,
                        const std::optional<at::Tensor>& found_inf, double avg_coef) {
+  if (counters_.size() <= kPrefetchDataTensors) {  // a few lines: in flight during the gather (NOTE [tiny tensors])
+    for (const auto& c : counters_) prefetch_first_lines(c.address());
+  }
   Scratch scratch;
   const auto gathered = gather(scratch);  // validates everything before anything is written
   if (found_inf_set(found_inf)) return -1;

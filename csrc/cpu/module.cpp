@@ -1,6 +1,8 @@
 // Python bindings of the CPU extension fasttricks._C.
 #include <torch/extension.h>
 
+#include <array>
+
 #include "device_table.h"
 #include "fasttricks/table.h"
 #include "plans.h"
@@ -9,20 +11,43 @@ namespace ftc = fasttricks::cpu;
 
 namespace {
 
-// The hyper-parameter records are read by field name, so that a record whose
-// fields drift from these structs fails loudly instead of shifting values.
-double field(py::handle record, const char* name) { return py::float_(record.attr(name)); }
+// The hyper-parameter records: namedtuples with these fields, in this order
+// (exported as ADAM_HYPER_FIELDS / SGD_HYPER_FIELDS; tests/test_plan_cache.py
+// holds them equal to fasttricks.ops' records).
+constexpr std::array<const char*, 8> kAdamFields{"lr", "beta1", "beta2", "eps", "weight_decay", "maximize",
+                                                 "grad_mul", "round_key"};
+constexpr std::array<const char*, 7> kSgdFields{"lr", "weight_decay", "momentum", "dampening", "maximize",
+                                                "grad_mul", "round_key"};
 
-uint32_t key_field(py::handle record) { return static_cast<uint32_t>(record.attr("round_key").cast<uint64_t>()); }
+// Field i of a record: by position from a tuple of the right length (a
+// getattr by name costs a string lookup per field, cold, every step), else
+// by name, which fails loudly on a missing field.
+template <size_t N>
+py::object field(py::handle record, const std::array<const char*, N>& names, size_t i) {
+  PyObject* r = record.ptr();
+  if (PyTuple_Check(r) && static_cast<size_t>(PyTuple_GET_SIZE(r)) == N) {
+    return py::reinterpret_borrow<py::object>(PyTuple_GET_ITEM(r, i));
+  }
+  return record.attr(names[i]);
+}
+
+template <size_t N>
+py::tuple names_tuple(const std::array<const char*, N>& names) {
+  py::tuple out(N);
+  for (size_t i = 0; i < N; ++i) out[i] = py::str(names[i]);
+  return out;
+}
 
 ftc::AdamHyper adam_hyper(py::handle h) {
-  return {field(h, "lr"), field(h, "beta1"), field(h, "beta2"), field(h, "eps"), field(h, "weight_decay"),
-          h.attr("maximize").cast<bool>(), field(h, "grad_mul"), key_field(h)};
+  auto f = [&](size_t i) { return field(h, kAdamFields, i); };
+  return {py::float_(f(0)), py::float_(f(1)), py::float_(f(2)), py::float_(f(3)), py::float_(f(4)),
+          f(5).cast<bool>(), py::float_(f(6)), static_cast<uint32_t>(f(7).cast<uint64_t>())};
 }
 
 ftc::SgdHyper sgd_hyper(py::handle h) {
-  return {field(h, "lr"), field(h, "weight_decay"), field(h, "momentum"), field(h, "dampening"),
-          h.attr("maximize").cast<bool>(), field(h, "grad_mul"), key_field(h)};
+  auto f = [&](size_t i) { return field(h, kSgdFields, i); };
+  return {py::float_(f(0)), py::float_(f(1)), py::float_(f(2)), py::float_(f(3)), f(4).cast<bool>(),
+          py::float_(f(5)), static_cast<uint32_t>(f(6).cast<uint64_t>())};
 }
 
 }  // namespace
@@ -63,10 +88,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     rows["sgd"] = py::make_tuple(S::kParam, S::kGrad, S::kMomentumBuffer, S::kMaster, S::kAvg, S::kFirst, S::kKey,
                                  S::kRows);
     m.attr("TABLE") = rows;
-    m.attr("ADAM_HYPER_FIELDS") = py::make_tuple("lr", "beta1", "beta2", "eps", "weight_decay", "maximize",
-                                                 "grad_mul", "round_key");
-    m.attr("SGD_HYPER_FIELDS") = py::make_tuple("lr", "weight_decay", "momentum", "dampening", "maximize",
-                                                "grad_mul", "round_key");
+    m.attr("ADAM_HYPER_FIELDS") = names_tuple(kAdamFields);
+    m.attr("SGD_HYPER_FIELDS") = names_tuple(kSgdFields);
   }
 
   m.def("mixup_blend_rows", &ftc::mixup_blend_rows, py::arg("x"), py::arg("out"), py::arg("lam"),

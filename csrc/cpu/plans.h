@@ -13,8 +13,8 @@ namespace fasttricks {
 namespace cpu {
 
 // One group's hyper-parameters for one step: fasttricks.ops.adam.AdamHyper and
-// fasttricks.ops.sgd.SgdHyper, read field by field by name (module.cpp; the
-// field lists are exported as ADAM_HYPER_FIELDS / SGD_HYPER_FIELDS and tested).
+// fasttricks.ops.sgd.SgdHyper, read field by field in the order module.cpp
+// exports as ADAM_HYPER_FIELDS / SGD_HYPER_FIELDS (tested against the records).
 struct AdamHyper {
   double lr, beta1, beta2, eps, weight_decay;
   bool maximize;

@@ -93,7 +93,6 @@ class TensorTable {
   }
 
   enum RowKind : uint8_t { kNoGrad, kFast, kFullCheck };
-  static constexpr int64_t kPrefetchDataTensors = 1024;
 
   // Params [lo, hi): the rows the fast path can fill, and what each needs.
   void gather_fast(int64_t lo, int64_t hi, Gathered* rows, uint8_t* kinds) const {
@@ -114,7 +113,7 @@ class TensorTable {
     // A small table's data lines fit the cache with room to spare: asking
     // for them here overlaps their misses with the gather's (NOTE [tiny
     // tensors]); a large one's would evict each other before the kernel runs.
-    const bool prefetch_data = static_cast<int64_t>(params_.size()) <= kPrefetchDataTensors;
+    const bool prefetch_data = params_.size() <= kPrefetchDataTensors;
     for (int64_t j = lo; j < std::min(hi, lo + kGradAhead); ++j) grads[j % kRing] = &impl(j)->grad();
     for (int64_t i = lo; i < hi; ++i) {
       if (i + kImplAhead < hi) prefetch_impl(impl(i + kImplAhead));

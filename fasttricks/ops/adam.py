@@ -38,7 +38,7 @@ __all__ = ["AdamHyper", "adam_reference_", "make_adam_plan"]
 class AdamHyper(NamedTuple):
     """One group's hyper-parameters for one step, built once by the optimizer
     and handed unchanged to every backend (the CPU extension reads the same
-    fields by name). Python floats are doubles: whatever a kernel needs in
+    fields, in the order it exports as ADAM_HYPER_FIELDS). Python floats are doubles: whatever a kernel needs in
     double precision (1 - beta, the bias corrections) is derived from these."""
 
     lr: float | torch.Tensor

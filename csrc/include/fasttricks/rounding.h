@@ -11,11 +11,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__CUDACC__)
-#define FT_HD __host__ __device__ __forceinline__
-#else
-#define FT_HD inline
-#endif
+#include "fasttricks/common.h"  // FT_HD: one definition, always inlined
 
 namespace fasttricks {
 namespace rounding {
