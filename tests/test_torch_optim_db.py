@@ -247,6 +247,57 @@ def test_hooks_deepcopy_repr_and_default_dtype(name):
         torch.set_default_dtype(old)
 
 
+@pytest.mark.parametrize("name", list(OURS))
+def test_state_dict_hooks_that_store_non_param_entries(name):
+    """test_state_dict_pre_hook / _post_hook / _pre_post_hook and
+    test_load_state_dict_post_hook / _pre_post_hook: hooks that put plain
+    values (not per-param dicts) into `optimizer.state`, as torch allows; the
+    optimizer still steps like torch's afterwards."""
+    def pre(opt):
+        opt.state["test"] = 1
+
+    def post(opt, state_dict):
+        state_dict["ran_pre"] = state_dict["state"].pop("test", None) == 1
+        return state_dict
+
+    def load_post(opt):
+        opt.state["ran_load_post"] = True
+
+    runs = []
+    for cls, extra in ((OURS[name], {}), (TORCH[name], {"foreach": False})):
+        params, closure_for = problem()
+        opt = cls(params, lr=1e-2, **extra)
+        opt.step(closure_for(opt))
+        opt.register_state_dict_pre_hook(pre)
+        assert opt.state_dict()["state"]["test"] == 1
+        opt.register_state_dict_post_hook(post)
+        state_dict = opt.state_dict()
+        assert state_dict["ran_pre"] and "test" not in state_dict["state"]
+        opt.register_load_state_dict_post_hook(load_post)
+        opt.load_state_dict(state_dict)
+        assert opt.state["ran_load_post"] is True
+        for _ in range(2):
+            opt.step(closure_for(opt))
+        runs.append(params)
+    for p, q in zip(*runs):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,index", cases())
+def test_non_empty_state(name, index):
+    """test_non_empty_state: after a step every state entry holds something
+    (SGD without momentum keeps no entries at all, as torch)."""
+    model, x = torch.nn.Linear(5, 5), torch.rand(2, 5)
+    peer_model = copy.deepcopy(model)
+    opt = OURS[name](model.parameters(), **kwargs_of(name, index))
+    peer = TORCH[name](peer_model.parameters(), **kwargs_of(name, index), foreach=False)
+    for m, o in ((model, opt), (peer_model, peer)):
+        m(x).sum().backward()
+        o.step()
+    assert all(len(state) > 0 for state in opt.state.values())
+    assert len(opt.state) == len(peer.state)
+
+
 @pytest.mark.parametrize("name,index", cases())
 def test_state_dict_equal_params_and_older_checkpoints(name, index):
     """_test_state_dict: two optimizers on equal (not identical) params, one loaded

@@ -35,7 +35,7 @@ from fasttricks.ops.rounding import step_key
 from fasttricks.optim._plan_cache import (GroupPlans, PlanCache, average_dtype, backend_for, bind_real_view_grads,
                                           bind_shard_grads, check_precision_options, normalise_state,
                                           rounds_stochastically, state_dtype, uses_master)
-from fasttricks.optim._tracked import StateDict
+from fasttricks.optim._tracked import StateDict, plain
 
 SAMPLER_STATE_KEY = "fasttricks_samplers"  # NOTE [sampler checkpoints]
 
@@ -107,7 +107,7 @@ class FusedOptimizerMixin:
         `master_weights`, SGD's `decoupled_weight_decay`), so that torch's
         optimizers load it exactly as one of their own."""
         state_dict = super().state_dict()
-        state_dict["state"] = {k: dict(v) for k, v in state_dict["state"].items()}
+        state_dict["state"] = {k: plain(v) for k, v in state_dict["state"].items()}
         state_dict["param_groups"] = [{k: v for k, v in g.items() if k not in self._group_keys}
                                       for g in state_dict["param_groups"]]
         if any(rounds_stochastically(g) for g in self.param_groups):

@@ -3,7 +3,8 @@ O(1) whether anything a user may edit through torch's public surface changed
 since the plans were built (NOTE [plan cache] in fasttricks/optim/_plan_cache.py).
 
 * `StateDict` is `optimizer.state`: a `defaultdict(dict)` whose per-param
-  dicts are `ParamState`s. Setting, deleting or clearing an entry at either
+  dicts are `ParamState`s (a value that is not a dict, which torch allows
+  under any key, is stored as it is). Setting, deleting or clearing an entry at either
   level bumps one counter shared by the whole state, `state.version.n`.
 * `ParamList` is `param_group["params"]`: a list that bumps its own counter on
   any mutation (item assignment, append, insert, ...).
@@ -80,10 +81,10 @@ class StateDict(defaultdict):
             super().__setitem__(key, self._own(value))
 
     def _own(self, value):
-        if isinstance(value, ParamState) and value.version is self.version:
+        # Only dict entries (a param's state) are tracked; anything else, as
+        # torch's own tests and hooks store under non-param keys, is kept as it is.
+        if not isinstance(value, dict) or isinstance(value, ParamState) and value.version is self.version:
             return value
-        if not isinstance(value, dict):
-            raise TypeError(f"optimizer state entries must be dicts, got {type(value).__name__}")
         return ParamState(value, version=self.version)
 
     def _bump(self) -> None:
@@ -120,8 +121,13 @@ class StateDict(defaultdict):
         return (_plain_state, (dict(self.items()),))
 
 
+def plain(value):
+    """A ParamState as the plain dict it stands for; any other value as it is."""
+    return dict(value) if isinstance(value, ParamState) else value
+
+
 def _plain_state(items):
-    return defaultdict(dict, {k: dict(v) for k, v in items.items()})
+    return defaultdict(dict, {k: plain(v) for k, v in items.items()})
 
 
 for _name in ("__delitem__", "clear", "pop", "popitem"):
