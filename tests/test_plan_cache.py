@@ -76,6 +76,40 @@ def test_changes_under_the_optimizer_act_as_in_torch(backend, change, cls, tcls,
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["data", "set_", "resize_", "storage resize_"])
+@pytest.mark.parametrize("cls,tcls,cfg", FAMILIES, ids=FAMILY_IDS)
+def test_state_tensors_repointed_in_place_act_as_in_torch(backend, how, cls, tcls, cfg):
+    """A state tensor keeps its object but gets other memory: `t.data = ...`
+    (the usual way of moving optimizer state between devices), `t.set_(...)`,
+    a resize that reallocates, or its storage freed and reallocated in place.
+    No container of ours sees these; the plans must step the new memory, as
+    torch does, and never write the old (it may be freed: the CPU plan once
+    wrote a param to garbage here)."""
+    ours, opt, theirs, topt = twins(cls, tcls, cfg, backend, SHAPES)
+    step_both(ours, opt, theirs, topt, 0)
+    for o, ps in ((opt, ours), (topt, theirs)):
+        for p in ps:
+            for k, t in o.state[p].items():
+                if not torch.is_tensor(t) or k == "step":
+                    continue
+                if how == "data":
+                    t.data = t.data.clone()
+                elif how == "set_":
+                    t.set_(t.clone())
+                elif how == "resize_":
+                    t.resize_(1 << 16)
+                    t.resize_(p.shape)
+                else:
+                    saved = t.clone()
+                    t.untyped_storage().resize_(0)
+                    t.untyped_storage().resize_(saved.numel() * saved.element_size())
+                    t.copy_(saved)
+    for seed in (1, 2):
+        step_both(ours, opt, theirs, topt, seed)
+        assert_agree(ours, opt, theirs, topt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_add_param_group_and_load_state_dict_continue_as_torch(backend):
     ours, opt, theirs, topt = twins(fo.AdamW, torch.optim.AdamW, dict(lr=1e-2), backend, SHAPES)
     step_both(ours, opt, theirs, topt, 0)

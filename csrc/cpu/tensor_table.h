@@ -10,8 +10,13 @@
 // like the param. It belongs to a plan, which the Python optimizer rebuilds
 // whenever a slot tensor is replaced (NOTE [plan cache] in
 // fasttricks/optim/_plan_cache.py), so the slots' dtype, shape, device and
-// layout are checked once, here, when they are set. A step then reads only the
-// param, its grad and the cached pointers. Whatever a step cannot vouch for (a
+// layout are checked once, here, when they are set. A step then reads the
+// param, its grad, the cached pointers, and of each state tensor only whether
+// it still holds the storage it was recorded with, and that storage the same
+// memory: assigning `state_tensor.data = ...` (the usual way of moving
+// optimizer state between devices) or resizing it in place keeps the tensor
+// object, so no container of ours sees it. The table holds those storages, so
+// a recorded pointer never dangles. Whatever a step cannot vouch for (a
 // param whose layout no longer matches the one recorded, a slot that did not
 // match to begin with) takes the full check, which raises before the step
 // writes anything, and runs through contiguous temporaries where layouts differ.
@@ -116,7 +121,16 @@ class TensorTable {
     const bool prefetch_data = params_.size() <= kPrefetchDataTensors;
     for (int64_t j = lo; j < std::min(hi, lo + kGradAhead); ++j) grads[j % kRing] = &impl(j)->grad();
     for (int64_t i = lo; i < hi; ++i) {
-      if (i + kImplAhead < hi) prefetch_impl(impl(i + kImplAhead));
+      if (i + kImplAhead < hi) {
+        prefetch_impl(impl(i + kImplAhead));
+        // The state tensors' impls and recorded storages: known addresses, no chain.
+        const Cached& ahead = cache_[i + kImplAhead];
+        for (size_t k = 0; k < slots_.size(); ++k) {
+          if (ahead.storages[k] != nullptr) {
+            prefetch_first_lines(slots_[k][i + kImplAhead].unsafeGetTensorImpl(), ahead.storages[k]);
+          }
+        }
+      }
       if (i + kMetaAhead < hi) {
         prefetch_first_lines(impl(i + kMetaAhead)->autograd_meta());
         prefetch_storage(impl(i + kMetaAhead));
@@ -140,7 +154,7 @@ class TensorTable {
       const Cached& c = cache_[i];
       if (!g.defined()) {
         kinds[i] = kNoGrad;
-      } else if (c.fast && fast_layout(*pi, *g.unsafeGetTensorImpl(), c)) {
+      } else if (c.fast && fast_layout(*pi, *g.unsafeGetTensorImpl(), c) && slots_as_recorded(i, c)) {
         kinds[i] = kFast;
         row.param = pi->mutable_data();
         row.grad = g.unsafeGetTensorImpl()->data();
@@ -169,6 +183,20 @@ class TensorTable {
     return !g.is_sparse() && p.dtype() == param_meta_ && g.dtype() == param_meta_ && p.device() == device_ &&
            g.device() == device_ && same_ints(p.sizes(), sizes) && same_ints(p.strides(), strides) &&
            same_ints(g.sizes(), sizes) && same_ints(g.strides(), strides);
+  }
+
+  // Whether each state tensor of param i still holds the storage recorded
+  // for it, and that storage the same memory (NOTE [tensor table]).
+  bool slots_as_recorded(int64_t i, const Cached& c) const {
+    for (size_t k = 0; k < slots_.size(); ++k) {
+      const c10::StorageImpl* recorded = c.storages[k];
+      if (recorded == nullptr) continue;
+      const c10::TensorImpl* t = slots_[k][i].unsafeGetTensorImpl();
+      if (t->unsafe_storage().unsafeGetStorageImpl() != recorded || recorded->data_ptr().get() != c.bases[k]) {
+        return false;
+      }
+    }
+    return true;
   }
 
   // Every step, for every param with a grad the fast path did not take: the
@@ -207,6 +235,7 @@ class TensorTable {
   void refresh() {
     cache_.assign(params_.size(), Cached{});
     layout_.clear();
+    held_.clear();
     for (size_t i = 0; i < params_.size(); ++i) {
       const at::Tensor& p = params_[i];
       Cached& c = cache_[i];
@@ -218,9 +247,13 @@ class TensorTable {
       for (size_t k = 0; k < slots_.size(); ++k) {
         if (slots_[k].empty()) continue;
         const at::Tensor& t = slots_[k][i];
-        c.fast = c.fast && t.scalar_type() == slot_dtypes_[k] && t.device() == device_ &&
+        c.fast = c.fast && t.has_storage() && t.scalar_type() == slot_dtypes_[k] && t.device() == device_ &&
                  same_ints(t.sizes(), p.sizes()) && same_ints(t.strides(), p.strides());
+        if (!c.fast) continue;  // the full check reads this param's slots afresh each step
         c.slots[k] = t.mutable_data_ptr();
+        c.storages[k] = t.storage().unsafeGetStorageImpl();
+        c.bases[k] = t.storage().data_ptr().get();
+        held_.push_back(t.storage());
       }
     }
   }
@@ -229,6 +262,10 @@ class TensorTable {
     bool fast = false;            // the slots share the param's dtype-checked dense layout
     int64_t layout = 0, dim = 0;  // the param's recorded sizes and strides: layout_[layout, +2 dim)
     void* slots[kMaxSlots] = {};
+    // Each state tensor's storage when recorded, and the memory it held
+    // (nullptr where the slot is unused): slots_as_recorded().
+    const c10::StorageImpl* storages[kMaxSlots] = {};
+    const void* bases[kMaxSlots] = {};
   };
 
   std::string op_;
@@ -240,6 +277,7 @@ class TensorTable {
   at::Device device_{at::kCPU};
   std::vector<Cached> cache_;
   std::vector<int64_t> layout_;
+  std::vector<c10::Storage> held_;  // the recorded storages, alive while recorded
 };
 
 }  // namespace cpu
