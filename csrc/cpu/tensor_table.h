@@ -15,8 +15,9 @@
 // it still holds the storage it was recorded with, and that storage the same
 // memory: assigning `state_tensor.data = ...` (the usual way of moving
 // optimizer state between devices) or resizing it in place keeps the tensor
-// object, so no container of ours sees it. The table holds those storages, so
-// a recorded pointer never dangles. Whatever a step cannot vouch for (a
+// object, so no container of ours sees it. (The table does not hold the old
+// storages: moving state off a device must free it there.) Whatever a step
+// cannot vouch for (a
 // param whose layout no longer matches the one recorded, a slot that did not
 // match to begin with) takes the full check, which raises before the step
 // writes anything, and runs through contiguous temporaries where layouts differ.
@@ -123,7 +124,8 @@ class TensorTable {
     for (int64_t i = lo; i < hi; ++i) {
       if (i + kImplAhead < hi) {
         prefetch_impl(impl(i + kImplAhead));
-        // The state tensors' impls and recorded storages: known addresses, no chain.
+        // The state tensors' impls and recorded storages: known addresses, no
+        // chain (a prefetch of a freed one is harmless).
         const Cached& ahead = cache_[i + kImplAhead];
         for (size_t k = 0; k < slots_.size(); ++k) {
           if (ahead.storages[k] != nullptr) {
@@ -189,12 +191,12 @@ class TensorTable {
   // for it, and that storage the same memory (NOTE [tensor table]).
   bool slots_as_recorded(int64_t i, const Cached& c) const {
     for (size_t k = 0; k < slots_.size(); ++k) {
-      const c10::StorageImpl* recorded = c.storages[k];
-      if (recorded == nullptr) continue;
-      const c10::TensorImpl* t = slots_[k][i].unsafeGetTensorImpl();
-      if (t->unsafe_storage().unsafeGetStorageImpl() != recorded || recorded->data_ptr().get() != c.bases[k]) {
-        return false;
-      }
+      if (c.storages[k] == nullptr) continue;
+      // Read through the tensor's own storage, never the recorded pointer: the
+      // recorded storage may be gone (and its address reused, which is why the
+      // memory is compared too).
+      const c10::StorageImpl* now = slots_[k][i].unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl();
+      if (now != c.storages[k] || now->data_ptr().get() != c.bases[k]) return false;
     }
     return true;
   }
@@ -235,7 +237,6 @@ class TensorTable {
   void refresh() {
     cache_.assign(params_.size(), Cached{});
     layout_.clear();
-    held_.clear();
     for (size_t i = 0; i < params_.size(); ++i) {
       const at::Tensor& p = params_[i];
       Cached& c = cache_[i];
@@ -253,7 +254,6 @@ class TensorTable {
         c.slots[k] = t.mutable_data_ptr();
         c.storages[k] = t.storage().unsafeGetStorageImpl();
         c.bases[k] = t.storage().data_ptr().get();
-        held_.push_back(t.storage());
       }
     }
   }
@@ -277,7 +277,6 @@ class TensorTable {
   at::Device device_{at::kCPU};
   std::vector<Cached> cache_;
   std::vector<int64_t> layout_;
-  std::vector<c10::Storage> held_;  // the recorded storages, alive while recorded
 };
 
 }  // namespace cpu
