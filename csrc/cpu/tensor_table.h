@@ -17,10 +17,10 @@
 // optimizer state between devices) or resizing it in place keeps the tensor
 // object, so no container of ours sees it. (The table does not hold the old
 // storages: moving state off a device must free it there.) Whatever a step
-// cannot vouch for (a
-// param whose layout no longer matches the one recorded, a slot that did not
-// match to begin with) takes the full check, which raises before the step
-// writes anything, and runs through contiguous temporaries where layouts differ.
+// cannot vouch for (a param whose layout no longer matches the one recorded,
+// a slot that did not match to begin with or no longer holds its memory)
+// takes the full check, which raises before the step writes anything, and
+// runs through contiguous temporaries where layouts differ.
 #pragma once
 #include "multi_tensor.h"
 
