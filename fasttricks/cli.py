@@ -43,7 +43,8 @@ def _writable_dir(parser, flag: str, path: str) -> None:
     """Fail before any training if the results could not be written."""
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
-        probe = Path(path) / ".fasttricks-write-test"
+        # One probe per process: DDP ranks check the same folder at once.
+        probe = Path(path) / f".fasttricks-write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
