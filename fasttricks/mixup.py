@@ -1,11 +1,15 @@
 """Mixup and CutMix with factored targets (docs/tricks.md; Bag of Tricks, section 5.4).
 
-    mixer = Mixup(alpha=0.2, num_classes=10, label_smoothing=0.1)
-    x, target = mixer.mix(x, y)            # x blended (in place with flip pairing)
+    mixer = Mixup(mixup_alpha=0.2, num_classes=10, label_smoothing=0.1)
+    x, target = mixer(x, y)                # x blended (in place with flip pairing)
     loss = soft_target_cross_entropy(model(x), target)
 
 `target` is a MixedTarget: (y_a, y_b, lam, smoothing, num_classes), never a
-B x C matrix; `target.dense()` builds the matrix when you need one.
+B x C matrix; `target.dense()` builds the matrix when you need one, and any
+torch operation on it (timm's SoftTargetCrossEntropy computes
+`-target * log_softmax(x)`) gets the matrix. Mixup takes timm's keywords and
+defaults (`timm.data.Mixup`), so a timm training loop switches by changing
+its import; `target="dense"` returns timm's B x C tensor itself.
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ from fasttricks._checks import check_int, check_values_in
 from fasttricks.ops.mixup import mixup_blend
 
 __all__ = ["Mixup", "MixedTarget", "mixup", "smoothing_coefficients"]
+
+TARGET_FORMS = ("factored", "dense")
 
 # "001" is the first name of "bag_of_tricks", kept for existing code.
 SMOOTHING_MODES = ("torch", "bag_of_tricks", "001")
@@ -73,9 +79,79 @@ class MixedTarget:
         t.scatter_add_(1, self.y_b.view(-1, 1), ((1 - lam) * on).view(-1, 1))
         return t.add_(off)
 
-    def to(self, device) -> "MixedTarget":
-        return MixedTarget(self.y_a.to(device), self.y_b.to(device), self.lam.to(device), self.num_classes,
-                           self.smoothing, self.smoothing_mode)
+    def to(self, *args, **kwargs):
+        """`.to(device)` keeps the target factored; a dtype gets the dense matrix in it."""
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None:
+            return self.dense(dtype).to(device=device, non_blocking=non_blocking)
+        move = lambda t: t.to(device, non_blocking=non_blocking) if device is not None else t  # noqa: E731
+        return MixedTarget(move(self.y_a), move(self.y_b), move(self.lam), self.num_classes, self.smoothing,
+                           self.smoothing_mode)
+
+    # ---- the dense matrix on demand: code written for a B x C target tensor ----
+    # (timm's SoftTargetCrossEntropy: torch.sum(-target * log_softmax(x), -1))
+    # works unchanged; our own soft_target_cross_entropy reads the factors.
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.y_a.shape[0], self.num_classes))
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> int:
+        return 2
+
+    ndim = property(dim)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return self.y_a.device
+
+    def __len__(self) -> int:
+        return self.y_a.shape[0]
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        densify = lambda a: a.dense() if isinstance(a, MixedTarget) else a  # noqa: E731
+        args = torch.utils._pytree.tree_map(densify, args)
+        kwargs = torch.utils._pytree.tree_map(densify, kwargs or {})
+        return func(*args, **kwargs)
+
+    def __getattr__(self, name):
+        # Tensor methods (argmax, float, sum, ...) act on the dense matrix.
+        if name.startswith("__") or name in ("y_a", "y_b", "lam", "num_classes", "smoothing", "smoothing_mode") \
+                or not hasattr(torch.Tensor, name):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(self.dense(), name)
+
+    def __neg__(self):
+        return -self.dense()
+
+    def __mul__(self, other):
+        return self.dense() * other
+
+    def __rmul__(self, other):
+        return other * self.dense()
+
+    def __add__(self, other):
+        return self.dense() + other
+
+    def __radd__(self, other):
+        return other + self.dense()
+
+    def __sub__(self, other):
+        return self.dense() - other
+
+    def __rsub__(self, other):
+        return other - self.dense()
+
+    def __truediv__(self, other):
+        return self.dense() / other
 
 
 def _check_labels(y: torch.Tensor, num_classes: int, batch: int) -> None:
@@ -100,36 +176,54 @@ def mixup(x: torch.Tensor, lam, perm: torch.Tensor | None = None, *, inplace: bo
 
 
 class Mixup:
-    """Mixup / CutMix on batches, with factored targets.
+    """Mixup / CutMix on batches, with factored targets; timm's keywords and
+    defaults (`timm.data.Mixup`: the same draws, pairing and targets).
 
     Args:
-        alpha: mixup's Beta(alpha, alpha); 0 switches mixup off.
-        num_classes: number of classes of the labels.
-        label_smoothing: eps in [0, 1), applied to the mixed target.
+        mixup_alpha: mixup's Beta(alpha, alpha); 0 switches mixup off.
+        cutmix_alpha: CutMix's Beta(cutmix_alpha, cutmix_alpha); 0 = off.
+        cutmix_minmax: (min, max) box side ratios: CutMix boxes of uniformly
+            drawn sides instead of from lam (switches CutMix on, as timm).
+        prob: probability of mixing a batch (per sample in "elem"/"pair").
+        switch_prob: with both on, the probability of CutMix instead of mixup.
         mode: "batch" (one lam per batch), "pair" (one per flip pair), "elem"
             (one per sample).
-        cutmix_alpha: CutMix's Beta(cutmix_alpha, cutmix_alpha); 0 = off.
-        switch_prob: with both on, the probability of CutMix instead of mixup.
-        prob: probability of mixing a batch (per sample in "elem"/"pair").
-        pairing: "flip" (row i with B-1-i, in place) or "random" (a random
-            permutation, out of place).
         correct_lam: CutMix's lam is recomputed from the clipped box area.
-        smoothing_mode: "torch" or "bag_of_tricks" (see smoothing_coefficients).
+        label_smoothing: eps in [0, 1), applied to the mixed target.
+        num_classes: number of classes of the labels.
+    Keyword-only (ours):
+        alpha: the name of mixup_alpha in earlier versions.
+        pairing: "flip" (row i with B-1-i, in place, as timm) or "random" (a
+            random permutation, out of place).
+        smoothing_mode: "torch" (timm's) or "bag_of_tricks" (see smoothing_coefficients).
+        target: "factored" (a MixedTarget: the fast path of
+            soft_target_cross_entropy, and a B x C tensor to any torch op) or
+            "dense" (timm's B x C float32 tensor).
         backend: blend backend ("auto" | "reference" | "cpu" | "triton" | "cuda").
         seed: seeds the sampler's own generator (lam, boxes, permutations).
 
-    Any batch size works: with flip pairing the middle row of an odd batch
-    pairs with itself and stays unmixed (its target is its own label).
+    `mixup_enabled = False` (timm's switch, set by training loops for the last
+    epochs) stops mixing: lam = 1, the targets stay label-smoothed. Any batch
+    size works: with flip pairing the middle row of an odd batch pairs with
+    itself and stays unmixed (its target is its own label).
     """
 
-    def __init__(self, alpha: float = 0.2, num_classes: int = 1000, label_smoothing: float = 0.0,
-                 mode: str = "batch", cutmix_alpha: float = 0.0, switch_prob: float = 0.5, prob: float = 1.0,
-                 pairing: str = "flip", correct_lam: bool = True, smoothing_mode: str = "torch",
+    def __init__(self, mixup_alpha: float = 1.0, cutmix_alpha: float = 0.0, cutmix_minmax=None, prob: float = 1.0,
+                 switch_prob: float = 0.5, mode: str = "batch", correct_lam: bool = True,
+                 label_smoothing: float = 0.1, num_classes: int = 1000, *, alpha: float | None = None,
+                 pairing: str = "flip", smoothing_mode: str = "torch", target: str = "factored",
                  backend: str = "auto", seed: int | None = None):
-        if alpha < 0 or cutmix_alpha < 0:
-            raise ValueError(f"alpha and cutmix_alpha must be >= 0, got {alpha}, {cutmix_alpha}")
-        if alpha == 0 and cutmix_alpha == 0:
-            raise ValueError("Mixup needs alpha > 0 or cutmix_alpha > 0")
+        if alpha is not None:
+            mixup_alpha = alpha
+        if cutmix_minmax is not None:
+            cutmix_minmax = tuple(float(v) for v in cutmix_minmax)
+            if len(cutmix_minmax) != 2 or not 0.0 < cutmix_minmax[0] < cutmix_minmax[1] <= 1.0:
+                raise ValueError(f"cutmix_minmax must be (min, max) with 0 < min < max <= 1, got {cutmix_minmax}")
+            cutmix_alpha = 1.0  # as timm: the boxes come from minmax, lam from their area
+        if mixup_alpha < 0 or cutmix_alpha < 0:
+            raise ValueError(f"mixup_alpha and cutmix_alpha must be >= 0, got {mixup_alpha}, {cutmix_alpha}")
+        if mixup_alpha == 0 and cutmix_alpha == 0:
+            raise ValueError("Mixup needs mixup_alpha > 0, cutmix_alpha > 0 or cutmix_minmax")
         check_int("num_classes", num_classes, 1)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
@@ -137,17 +231,25 @@ class Mixup:
             raise ValueError(f"mode must be 'batch', 'pair' or 'elem', got {mode!r}")
         if pairing not in ("flip", "random"):
             raise ValueError(f"pairing must be 'flip' or 'random', got {pairing!r}")
+        if target not in TARGET_FORMS:
+            raise ValueError(f"target must be one of {TARGET_FORMS}, got {target!r}")
         if not 0.0 <= switch_prob <= 1.0 or not 0.0 <= prob <= 1.0:
             raise ValueError("switch_prob and prob must be in [0, 1]")
         smoothing_coefficients(label_smoothing, num_classes, smoothing_mode)
         _backends.check_backend_name(backend)
-        self.alpha, self.cutmix_alpha = float(alpha), float(cutmix_alpha)
+        self.mixup_alpha, self.cutmix_alpha, self.cutmix_minmax = float(mixup_alpha), float(cutmix_alpha), \
+            cutmix_minmax
         self.num_classes, self.label_smoothing, self.smoothing_mode = num_classes, float(label_smoothing), \
             smoothing_mode
-        self.mode, self.switch_prob, self.prob, self.pairing = mode, float(switch_prob), float(prob), pairing
-        self.correct_lam, self.backend = bool(correct_lam), backend
+        self.mode, self.switch_prob, self.mix_prob, self.pairing = mode, float(switch_prob), float(prob), pairing
+        self.correct_lam, self.backend, self.target = bool(correct_lam), backend, target
+        self.mixup_enabled = True
         self.generator = torch.Generator()
         self.generator.manual_seed(seed if seed is not None else int(torch.initial_seed()) % (2**63))
+
+    # Earlier names of timm's attributes.
+    alpha = property(lambda self: self.mixup_alpha)
+    prob = property(lambda self: self.mix_prob)
 
     # ---- draws -----------------------------------------------------------------
 
@@ -166,16 +268,28 @@ class Mixup:
     def _draw(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(lam [n], use_cutmix [n] bool) for n draws; lam = 1 where not mixed."""
         use_cutmix = torch.zeros(n, dtype=torch.bool)
-        if self.alpha > 0 and self.cutmix_alpha > 0:
+        if not self.mixup_enabled:
+            return torch.ones(n, dtype=torch.float64), use_cutmix
+        if self.mixup_alpha > 0 and self.cutmix_alpha > 0:
             use_cutmix = self._uniform(n) < self.switch_prob
         elif self.cutmix_alpha > 0:
             use_cutmix = torch.ones(n, dtype=torch.bool)
-        lam = torch.where(use_cutmix, self._beta(self.cutmix_alpha or 1.0, n), self._beta(self.alpha or 1.0, n))
-        apply = self._uniform(n) < self.prob
+        lam = torch.where(use_cutmix, self._beta(self.cutmix_alpha or 1.0, n),
+                          self._beta(self.mixup_alpha or 1.0, n))
+        apply = self._uniform(n) < self.mix_prob
         return torch.where(apply, lam, torch.ones_like(lam)), use_cutmix & apply
 
+    def _randint(self, low: int, high: int) -> int:
+        return int(torch.randint(low, max(high, low + 1), (1,), generator=self.generator))
+
     def _box(self, lam: float, h: int, w: int) -> tuple[int, int, int, int]:
-        """A box of area ~ (1 - lam) h w with a uniformly drawn centre, clipped."""
+        """A box of area ~ (1 - lam) h w with a uniformly drawn centre, clipped;
+        with cutmix_minmax, sides drawn in [min, max) of the image's, placed inside it."""
+        if self.cutmix_minmax is not None:
+            lo, hi = self.cutmix_minmax
+            ch, cw = self._randint(int(h * lo), int(h * hi)), self._randint(int(w * lo), int(w * hi))
+            y0, x0 = self._randint(0, h - ch), self._randint(0, w - cw)
+            return y0, y0 + ch, x0, x0 + cw
         cut = math.sqrt(1.0 - lam)
         ch, cw = int(h * cut), int(w * cut)
         cy = int(torch.randint(h, (1,), generator=self.generator))
@@ -219,7 +333,7 @@ class Mixup:
                 x = mixup_blend(x, blend_lam, perm.to(x.device), backend=self.backend)
         target = MixedTarget(y, y[partner.to(y.device)], lam.float().to(y.device), self.num_classes,
                              self.label_smoothing, self.smoothing_mode)
-        return x, target
+        return x, (target.dense() if self.target == "dense" else target)
 
     def __call__(self, x, y):
         return self.mix(x, y)
@@ -232,13 +346,13 @@ class Mixup:
             y0, y1, x0, x1 = self._box(float(lam[0]), h, w)
             # Indexing the box by the partners copies it first: safe in place.
             x[..., y0:y1, x0:x1] = x[..., y0:y1, x0:x1][partner.to(x.device)]
-            if self.correct_lam:
+            if self.correct_lam or self.cutmix_minmax is not None:
                 lam[cut] = 1.0 - (y1 - y0) * (x1 - x0) / float(h * w)
         else:
             source = x.clone()  # per-sample boxes: partners must be read before any row is pasted
             for i in torch.nonzero(cut).flatten().tolist():
                 y0, y1, x0, x1 = self._box(float(lam[i]), h, w)
                 x[i, ..., y0:y1, x0:x1] = source[int(partner[i]), ..., y0:y1, x0:x1]
-                if self.correct_lam:
+                if self.correct_lam or self.cutmix_minmax is not None:
                     lam[i] = 1.0 - (y1 - y0) * (x1 - x0) / float(h * w)
         return lam

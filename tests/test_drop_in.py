@@ -35,7 +35,9 @@ def test_checkpoints_have_torch_group_keys_both_ways(cls, tcls, cfg):
     theirs.load_state_dict(copy.deepcopy(sd))  # torch loads ours as one of its own
     assert [sorted(g) for g in theirs.param_groups] == [sorted(g) for g in tcls([torch.zeros(1)]).param_groups]
     ours.load_state_dict(copy.deepcopy(tsd))  # and ours keeps its own settings
-    assert all(g["backend"] == "reference" and g["master_weights"] is False for g in ours.param_groups)
+    assert all(ours.group_options(g)["backend"] == "reference" and ours.group_options(g)["master_weights"] is False
+               for g in ours.param_groups)
+    assert [sorted(g) for g in ours.param_groups] == [sorted(g) for g in theirs.param_groups]  # torch's keys only
 
 
 def test_sgdw_keeps_decoupled_decay_when_loading_a_torch_sgd_checkpoint():
@@ -43,7 +45,7 @@ def test_sgdw_keeps_decoupled_decay_when_loading_a_torch_sgd_checkpoint():
     _, theirs = stepped(lambda ps: torch.optim.SGD(ps, **cfg))
     params, ours = stepped(lambda ps: fo.SGDW(ps, **cfg))
     ours.load_state_dict(copy.deepcopy(theirs.state_dict()))
-    assert all(g["decoupled_weight_decay"] for g in ours.param_groups)
+    assert all(ours.group_options(g)["decoupled_weight_decay"] for g in ours.param_groups)
     before = [p.detach().clone() for p in params]
     bufs = [ours.state[p]["momentum_buffer"].clone() for p in params]
     for p in params:
@@ -61,7 +63,9 @@ def test_checkpoint_settings_come_from_the_constructor():
         g["backend"], g["master_weights"] = "reference", True
     params, opt = stepped(lambda ps: fo.AdamW(ps, backend="auto"), steps=0)
     opt.load_state_dict(sd)
-    assert all(g["backend"] == "auto" and g["master_weights"] is False for g in opt.param_groups)
+    assert all(opt.group_options(g)["backend"] == "auto" and opt.group_options(g)["master_weights"] is False
+               for g in opt.param_groups)
+    assert not any("backend" in g or "master_weights" in g for g in opt.param_groups)
 
 
 @pytest.mark.parametrize("cls,tcls,cfg", PAIRS, ids=IDS)
@@ -203,3 +207,34 @@ def test_a_grad_turning_sparse_moves_its_param_out_of_the_fused_step():
         opt.step()
         topt.step()
     assert max_err([w], [ref]) < 1e-6
+
+
+def test_group_options_live_beside_param_groups():
+    """NOTE [group options]: given per group in the group dicts, kept out of
+    them (torch's keys only), changed with set_group_options, kept by
+    deepcopy and by load_state_dict."""
+    a, b = torch.randn(3, requires_grad=True), torch.randn(2, requires_grad=True)
+    opt = fo.SGD([{"params": [a], "backend": "reference", "decoupled_weight_decay": True}, {"params": [b]}],
+                 lr=0.1, momentum=0.9, weight_decay=0.1)
+    torch_keys = sorted(torch.optim.SGD([a]).param_groups[0])
+    assert all(sorted(g) == torch_keys for g in opt.param_groups)
+    assert opt.group_options(opt.param_groups[0])["backend"] == "reference"
+    assert opt.group_options(opt.param_groups[0])["decoupled_weight_decay"] is True
+    assert opt.group_options(opt.param_groups[1])["backend"] == "auto"
+    opt.add_param_group({"params": [torch.randn(4, requires_grad=True)], "master_weights": True})
+    assert "master_weights" not in opt.param_groups[2] and opt.group_options(opt.param_groups[2])["master_weights"]
+    with pytest.raises(TypeError, match="unknown option"):
+        opt.set_group_options(1, lr=0.2)
+    with pytest.raises(ValueError, match="backend"):
+        opt.set_group_options(1, backend="gpu")
+    for p in (a, b):
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.set_group_options(1, backend="reference")  # the group's plans are rebuilt
+    opt.step()
+    assert type(opt._ft_cache.groups[id(opt.param_groups[1])].buckets[0]).__name__.startswith("Reference")
+    twin = copy.deepcopy(opt)
+    assert [twin.group_options(g) for g in twin.param_groups] == [opt.group_options(g) for g in opt.param_groups]
+    options = [dict(opt.group_options(g)) for g in opt.param_groups]
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert [opt.group_options(g) for g in opt.param_groups] == options

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from fasttricks.losses import soft_target_cross_entropy
 from fasttricks.mixup import MixedTarget, Mixup, mixup
 from fasttricks.ops.mixup import mixup_blend, mixup_blend_reference
 from helpers import BACKENDS
@@ -156,7 +157,10 @@ def test_determinism_under_a_seed():
 
 @pytest.mark.parametrize("kw, error, message", [
     ({"alpha": -1}, ValueError, "alpha"),
-    ({"alpha": 0.0}, ValueError, "alpha > 0 or cutmix_alpha > 0"),
+    ({"alpha": 0.0}, ValueError, "mixup_alpha > 0, cutmix_alpha > 0"),
+    ({"mixup_alpha": 0.0}, ValueError, "mixup_alpha > 0, cutmix_alpha > 0"),
+    ({"cutmix_minmax": (0.8, 0.2)}, ValueError, "cutmix_minmax"),
+    ({"target": "onehot"}, ValueError, "target"),
     ({"label_smoothing": 1.0}, ValueError, "label_smoothing"),
     ({"mode": "row"}, ValueError, "mode"),
     ({"num_classes": 0}, ValueError, "num_classes"),
@@ -201,3 +205,96 @@ def test_long_rows_stride_over_the_capped_grid(monkeypatch):
     lam = torch.tensor([0.25, 0.5, 0.75])
     for perm in (None, torch.tensor([2, 0, 1])):
         assert torch.equal(mixup_blend(x.clone(), lam, perm, backend="triton"), mixup_blend_reference(x, lam, perm))
+
+
+# ---- timm compatibility -------------------------------------------------------
+# timm cannot be installed beside the CPU torch (it imports torchvision), so its
+# documented behaviour is restated here: timm.data.mixup.mixup_target and
+# SoftTargetCrossEntropy, and Mixup's signature and defaults.
+
+def timm_mixup_target(y, num_classes, lam, smoothing):
+    off = smoothing / num_classes
+    on = 1.0 - smoothing + off
+    y1 = torch.full((y.shape[0], num_classes), off).scatter_(1, y.view(-1, 1), on)
+    y2 = torch.full((y.shape[0], num_classes), off).scatter_(1, y.flip(0).view(-1, 1), on)
+    return y1 * lam + y2 * (1.0 - lam)
+
+
+def timm_soft_target_cross_entropy(x, target):
+    return torch.sum(-target * torch.nn.functional.log_softmax(x, dim=-1), dim=-1).mean()
+
+
+def test_timm_keywords_and_defaults():
+    import inspect
+
+    mixer = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, cutmix_minmax=None, prob=0.9, switch_prob=0.4, mode="elem",
+                  correct_lam=False, label_smoothing=0.2, num_classes=7)
+    assert (mixer.mixup_alpha, mixer.cutmix_alpha, mixer.mix_prob, mixer.switch_prob) == (0.8, 1.0, 0.9, 0.4)
+    assert (mixer.mode, mixer.correct_lam, mixer.label_smoothing, mixer.num_classes) == ("elem", False, 0.2, 7)
+    assert mixer.mixup_enabled is True
+    defaults = {k: v.default for k, v in inspect.signature(Mixup).parameters.items()}
+    assert defaults["mixup_alpha"] == 1.0 and defaults["cutmix_alpha"] == 0.0 and defaults["cutmix_minmax"] is None
+    assert defaults["prob"] == 1.0 and defaults["switch_prob"] == 0.5 and defaults["mode"] == "batch"
+    assert defaults["correct_lam"] is True and defaults["label_smoothing"] == 0.1 and defaults["num_classes"] == 1000
+    # timm's positional order
+    assert list(inspect.signature(Mixup).parameters)[:9] == [
+        "mixup_alpha", "cutmix_alpha", "cutmix_minmax", "prob", "switch_prob", "mode", "correct_lam",
+        "label_smoothing", "num_classes"]
+
+
+@pytest.mark.parametrize("mode", ["batch", "pair", "elem"])
+def test_timm_targets_and_loss(mode):
+    """The dense target is timm's mixup_target for the lam drawn; the factored
+    one goes through timm's SoftTargetCrossEntropy (-target * log_softmax) and
+    gives the same loss and gradient as our factored kernel."""
+    B, C = 8, 5
+    x = batch(B, torch.float32)
+    y = torch.randint(0, C, (B,), generator=torch.Generator().manual_seed(1))
+    _, factored = Mixup(mixup_alpha=0.4, label_smoothing=0.1, num_classes=C, mode=mode, seed=2)(x.clone(), y)
+    _, dense = Mixup(mixup_alpha=0.4, label_smoothing=0.1, num_classes=C, mode=mode, target="dense",
+                     seed=2)(x.clone(), y)
+    assert isinstance(dense, torch.Tensor) and dense.shape == (B, C) and dense.dtype == torch.float32
+    lam = factored.lam.view(-1, 1)
+    assert torch.allclose(dense, timm_mixup_target(y, C, lam, 0.1), atol=1e-6)
+    if mode == "batch":
+        assert torch.equal(factored.lam, factored.lam[:1].expand(B))
+    logits = torch.randn(B, C, requires_grad=True)
+    theirs = timm_soft_target_cross_entropy(logits, factored)  # the MixedTarget acts as the B x C tensor
+    g_theirs, = torch.autograd.grad(theirs, logits)
+    ours = soft_target_cross_entropy(logits, factored)
+    g_ours, = torch.autograd.grad(ours, logits)
+    assert torch.allclose(theirs, ours, atol=1e-6) and torch.allclose(g_theirs, g_ours, atol=1e-6)
+    assert torch.allclose(timm_soft_target_cross_entropy(logits, dense), ours, atol=1e-6)
+    # other tensor uses of a timm loop see the dense matrix
+    assert torch.equal(factored.argmax(dim=1), dense.argmax(dim=1)) and factored.shape == dense.shape
+    assert torch.allclose(factored.to(torch.float64), dense.double())
+
+
+def test_timm_mixup_disabled_keeps_smoothed_targets():
+    mixer = Mixup(mixup_alpha=1.0, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=4, target="dense", seed=0)
+    mixer.mixup_enabled = False  # what timm's train loop sets for the last epochs
+    x = batch(6, torch.float32)
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    mixed, target = mixer(x.clone(), y)
+    assert torch.equal(mixed, x)
+    assert torch.allclose(target, timm_mixup_target(y, 4, 1.0, 0.1))
+
+
+def test_cutmix_minmax_boxes_as_timm():
+    """cutmix_minmax: box sides drawn in [min, max) of the image's, inside it,
+    and lam from the box area (always corrected), CutMix switched on."""
+    mixer = Mixup(mixup_alpha=0.0, cutmix_minmax=(0.2, 0.6), num_classes=3, mode="elem", label_smoothing=0.0,
+                  seed=4)
+    assert mixer.cutmix_alpha == 1.0
+    B, H, W = 6, 10, 20
+    x = torch.arange(B, dtype=torch.float32).view(B, 1, 1, 1).expand(B, 2, H, W).contiguous()
+    y = torch.arange(B) % 3
+    mixed, target = mixer(x.clone(), y)
+    for i in range(B):
+        pasted = (mixed[i, 0] != i)
+        area = int(pasted.sum())
+        rows, cols = pasted.any(1).nonzero().flatten(), pasted.any(0).nonzero().flatten()
+        if B - 1 - i != i and area:
+            h, w = len(rows), len(cols)
+            assert int(H * 0.2) <= h < int(H * 0.6) and int(W * 0.2) <= w < int(W * 0.6) and area == h * w
+        assert target.lam[i].item() == pytest.approx(1.0 - area / (H * W))

@@ -41,21 +41,34 @@ def test_found_inf_changes_nothing_and_grad_scale_unscales(backend, cls, tcls, c
     assert max_err(params, expected) < 1e-6
 
 
+@pytest.mark.parametrize("fused", [None, True], ids=["scaler unscales", "fused unscale"])
 @pytest.mark.parametrize("cls,tcls,cfg", PAIRS, ids=IDS)
-def test_gradscaler_end_to_end(cls, tcls, cfg):
+def test_gradscaler_end_to_end(cls, tcls, cfg, fused):
+    """NOTE [found_inf contract]: by default the scaler unscales and skips (as
+    for torch's non-fused optimizers); fused=True is torch's opt-in to the
+    fused unscale. An overflowing step changes nothing either way."""
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 3)
     ref = torch.nn.Linear(8, 3)
     ref.load_state_dict(model.state_dict())
-    opt, ref_opt = cls(model.parameters(), **cfg), tcls(ref.parameters(), **cfg)
+    opt, ref_opt = cls(model.parameters(), fused=fused, **cfg), tcls(ref.parameters(), **cfg)
+    assert opt._step_supports_amp_scaling is bool(fused)
+    assert copy.deepcopy(opt)._step_supports_amp_scaling is bool(fused)
     scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
-    assert opt._step_supports_amp_scaling
-    for _ in range(3):
+    calls = []
+    opt.register_step_post_hook(lambda *_: calls.append(1))
+    for i in range(4):
         x = torch.randn(16, 8)
         opt.zero_grad()
-        scaler.scale(model(x).square().mean()).backward()
+        loss = model(x).square().mean() * (float("inf") if i == 1 else 1.0)
+        scaler.scale(loss).backward()
+        before = [p.detach().clone() for p in model.parameters()]
         scaler.step(opt)
         scaler.update()
+        if i == 1:  # the overflow: nothing moved; without the fused unscale, step() was not even called
+            assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+            assert len(calls) == (2 if fused else 1)
+            continue
         ref_opt.zero_grad()
         ref(x).square().mean().backward()
         ref_opt.step()
@@ -102,7 +115,8 @@ def test_torch_bf16_checkpoint_into_master_weights():
     opt2 = fo.AdamW(clone_params(params), lr=1e-2, master_weights=True)
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert torch.equal(opt2.state[opt2.param_groups[0]["params"][2]]["master_param"], st["master_param"])
-    assert opt2.param_groups[0]["master_weights"] is True
+    assert opt2.group_options(opt2.param_groups[0])["master_weights"] is True
+    assert "master_weights" not in opt2.param_groups[0]
 
 
 @pytest.mark.parametrize("make,message,exc", [

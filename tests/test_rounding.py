@@ -175,7 +175,9 @@ def test_seed_is_saved_and_a_resume_continues_bit_for_bit():
     params, opt = _train("reference", fo.AdamW, torch.bfloat16, steps=2, seed=42, lr=1e-3,
                          stochastic_rounding=True, state_dtype=torch.bfloat16)
     sd = copy.deepcopy(opt.state_dict())  # as a checkpoint file holds it (no tensor shared with opt)
-    assert sd["fasttricks_rounding"] == {"seed": 42, "step": 2}
+    # NOTE [state-resident extras]: on the first param's state, where DCP and the frameworks carry them
+    assert (sd["state"][0]["rounding/seed"], sd["state"][0]["rounding/step"]) == (42, 2)
+    assert all("rounding/seed" not in s for i, s in sd["state"].items() if i != 0)
     clones = [p.detach().clone().requires_grad_() for p in params]
     resumed = fo.AdamW(clones, lr=1e-3, stochastic_rounding=True, state_dtype=torch.bfloat16)
     resumed.load_state_dict(sd)
@@ -187,7 +189,23 @@ def test_seed_is_saved_and_a_resume_continues_bit_for_bit():
         o.step()
     assert all(torch.equal(p, q) for p, q in zip(params, clones))
     # a plain optimizer has no rounding entry: torch's layout
-    assert "fasttricks_rounding" not in fo.AdamW([torch.zeros(2, requires_grad=True)]).state_dict()
+    plain = fo.AdamW([torch.zeros(2, requires_grad=True)])
+    plain.param_groups[0]["params"][0].grad = torch.ones(2)
+    plain.step()
+    assert sorted(plain.state_dict()["state"][0]) == ["exp_avg", "exp_avg_sq", "step"]
+
+
+def test_rounding_counters_of_an_earlier_version_still_load():
+    params, opt = _train("reference", fo.AdamW, torch.bfloat16, steps=2, seed=42, lr=1e-3,
+                         stochastic_rounding=True, state_dtype=torch.bfloat16)
+    sd = copy.deepcopy(opt.state_dict())
+    for state in sd["state"].values():
+        state.pop("rounding/seed", None), state.pop("rounding/step", None)
+    sd["fasttricks_rounding"] = {"seed": 42, "step": 2}  # where earlier versions kept them
+    resumed = fo.AdamW([p.detach().clone().requires_grad_() for p in params], lr=1e-3, stochastic_rounding=True,
+                       state_dtype=torch.bfloat16)
+    resumed.load_state_dict(sd)
+    assert (resumed.rounding_seed, resumed._ft_round_step) == (42, 2)
 
 
 def test_checkpoints_both_ways_with_torch():

@@ -59,7 +59,10 @@ def test_named_samplers_of_one_class():
     fast, slow = EMA(opt, decay=0.5, name="fast"), EMA(opt, decay=0.9, name="slow")
     train(opt, params, 3)
     sd = copy.deepcopy(opt.state_dict())
-    assert set(sd["fasttricks_samplers"]) == {"fast", "slow"}
+    # NOTE [state-resident extras]: each sampler's average in each param's state, its counters on the first
+    assert "fasttricks_samplers" not in sd
+    assert all({"fast/average", "slow/average"} <= set(s) for s in sd["state"].values())
+    assert sd["state"][0]["fast/total_steps"] == 3 and sd["state"][0]["slow/config/decay"] == 0.9
     params2, opt2 = fresh(seed=1)
     slow2 = EMA(opt2, decay=0.9, name="slow")
     opt2.load_state_dict(sd)
@@ -94,13 +97,39 @@ def test_a_mismatched_sampler_state_loads_nothing():
     assert opt.state_dict()["state"] == opt_before["state"] == {}
 
 
-def test_checkpoints_of_the_attach_order_keying_still_load():
-    sd, ema_avg, _ = saved_run()
-    old = sd["fasttricks_samplers"]
-    sd["fasttricks_samplers"] = {"0:EMA": old["EMA"], "1:PSWA": old["PSWA"]}  # how they were keyed before
+def legacy_checkpoint(keys):
+    """A checkpoint as earlier versions wrote it: the samplers' states beside the optimizer's."""
+    params, opt = fresh()
+    ema = EMA(opt, decay=0.5)
+    pswa = PSWA(opt, steps_per_epoch=4, alpha=0.5)
+    train(opt, params, 3)
+    sd = copy.deepcopy(opt.state_dict())
+    for state in sd["state"].values():
+        for k in [k for k in state if "/" in k]:
+            del state[k]
+    sd["fasttricks_samplers"] = copy.deepcopy(dict(zip(keys, (ema.state_dict(), pswa.state_dict()))))
+    return sd
+
+
+@pytest.mark.parametrize("keys", [("EMA", "PSWA"), ("0:EMA", "1:PSWA")], ids=["by key", "by attach order"])
+def test_checkpoints_of_earlier_versions_still_load(keys):
+    sd = legacy_checkpoint(keys)
+    _, ema_avg, _ = saved_run()
     params, opt = fresh(seed=1)
     ema = EMA(opt, decay=0.5)
     pswa = PSWA(opt, steps_per_epoch=4, alpha=0.5)
     opt.load_state_dict(sd)
     assert all(torch.equal(a, b) for a, b in zip(ema.averages, ema_avg))
     assert pswa.total_steps == 3
+
+
+def test_a_checkpoint_of_an_earlier_version_claimed_after_load_resaves_in_the_state():
+    sd = legacy_checkpoint(("EMA", "PSWA"))
+    _, ema_avg, pswa_avg = saved_run()
+    params, opt = fresh(seed=1)
+    opt.load_state_dict(sd)
+    ema, pswa = EMA(opt, decay=0.5), PSWA(opt, steps_per_epoch=4, alpha=0.5)
+    assert all(torch.equal(a, b) for a, b in zip(ema.averages, ema_avg))
+    assert all(torch.equal(a, b) for a, b in zip(pswa.averages, pswa_avg))
+    new = opt.state_dict()
+    assert "fasttricks_samplers" not in new and new["state"][0]["PSWA/step_in_epoch"] == 3

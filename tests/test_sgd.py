@@ -50,7 +50,7 @@ def test_sgdw_formula(backend):
     steps = make_grads(SHAPES, 4)
     base = make_params(SHAPES, torch.float32)
     ours, opt = train(lambda ps: fo.SGDW(ps, backend=backend, lr=0.1, momentum=0.9, weight_decay=0.5), base, steps)
-    assert opt.param_groups[0]["decoupled_weight_decay"] is True
+    assert opt.group_options(opt.param_groups[0])["decoupled_weight_decay"] is True
     assert max_err(ours, sgdw_formula(base, steps, 0.1, 0.9, 0.5)) < 1e-5
     coupled, _ = train(lambda ps: fo.SGD(ps, backend=backend, lr=0.1, momentum=0.9, weight_decay=0.5), base, steps)
     assert max_err(ours, coupled) > 1e-3  # decoupled decay really differs from L2

@@ -9,11 +9,18 @@ call into a backend per plan. The route of one step is drawn in
 docs/architecture.md.
 
 NOTE [found_inf contract]
-GradScaler hands fused optimizers `grad_scale` and `found_inf` as attributes
-(`_step_supports_amp_scaling = True`). The kernels divide the gradients by
-grad_scale, and a step with found_inf set changes nothing at all: params,
-moments, step counters and weight averages keep their values, and no state
-is created that a committed step would have created (SGD's momentum buffer).
+Under a GradScaler the optimizers behave as torch.optim's non-fused ones by
+default: `_step_supports_amp_scaling` is off, so the scaler unscales the
+grads itself, checks them for infs and does not call `step()` at all on an
+overflow. Frameworks rely on that: Lightning clips grads under 16-mixed only
+for optimizers that do not unscale inside their step, and accelerate and the
+HF Trainer see a skipped step (and hold the LR schedule) by `step()` not
+being called. `fused=True`, torch's own opt-in, turns on the fused unscale:
+the scaler then hands the step `grad_scale` and `found_inf` as attributes,
+the kernels divide the gradients by grad_scale, and a step with found_inf
+set changes nothing at all: params, moments, step counters and weight
+averages keep their values, and no state is created that a committed step
+would have created (SGD's momentum buffer).
 
 NOTE [fused weight averaging]
 One weight sampler (fasttricks.sampling) per optimizer can be fused
@@ -21,6 +28,31 @@ One weight sampler (fasttricks.sampling) per optimizer can be fused
 step asks it for the step's coefficient c (0 = no sample) before launching
 the kernels, which then update w_hat <- w_hat + c (w - w_hat) in the same
 memory pass. Further samplers on the same optimizer run as step post-hooks.
+
+NOTE [group options]
+Our per-group settings (backend, master_weights, stochastic_rounding,
+state_dtype; SGD's decoupled_weight_decay) live beside `param_groups`, never
+in them: torch's machinery reads every key of a live group (DCP's flattened
+load looks each one up in the checkpoint, torch's add_param_group copies
+`defaults` into every group, a torch optimizer that loads our checkpoint
+copies its group keys). A group dict given to the constructor or to
+add_param_group may carry them; they are taken out of it. The store maps a
+group (by identity) to its options; `group_options(group)` reads them,
+`set_group_options(group, ...)` changes them (that group's plans are
+rebuilt); load_state_dict keeps each group's options by position, as torch
+keeps its params; deepcopy and pickle keep them (__getstate__).
+
+NOTE [state-resident extras]
+What the optimizer and its samplers keep besides torch's own state lives in
+`optimizer.state[p]` too, under keys that hold a '/' (torch's never do), so
+that whatever saves the optimizer saves them: plain state_dict(), DCP
+flattened or not, FSDP2's sharded state dicts, the frameworks' checkpoints.
+A sampler's average of p is `state[p]["<sampler key>/average"]`; its
+counters, hyper-parameters and averaged buffers, and the stochastic-rounding
+counters ("rounding/seed", "rounding/step"), sit as ints, floats and tensors
+in the state of the anchor param, the first param that requires grad (the
+values are refreshed by every state_dict()). The math never reads these keys,
+and a state that holds only them counts as empty (own_state_empty).
 """
 from __future__ import annotations
 
@@ -33,26 +65,50 @@ from fasttricks.ops._plan import is_dtensor, local_shards
 from fasttricks.optim import _compat, _compiled
 from fasttricks.ops.rounding import step_key
 from fasttricks.optim._plan_cache import (GroupPlans, PlanCache, average_dtype, backend_for, bind_real_view_grads,
-                                          bind_shard_grads, check_precision_options, normalise_state,
-                                          rounds_stochastically, state_dtype, uses_master)
+                                          bind_shard_grads, check_precision_options, is_extra_key, normalise_state,
+                                          own_state_empty, rounds_stochastically, state_dtype, uses_master)
 from fasttricks.optim._tracked import StateDict, plain
 
-SAMPLER_STATE_KEY = "fasttricks_samplers"  # NOTE [sampler checkpoints]
+# Checkpoints of earlier versions kept these outside "state" (still read).
+LEGACY_SAMPLER_STATE_KEY = "fasttricks_samplers"
+LEGACY_ROUNDING_STATE_KEY = "fasttricks_rounding"
+# NOTE [stochastic rounding], NOTE [state-resident extras]: on the anchor param.
+ROUNDING_SEED_KEY, ROUNDING_STEP_KEY = "rounding/seed", "rounding/step"
+# NOTE [group options]: the options every family has.
+FT_OPTION_NAMES = ("backend", "master_weights", "stochastic_rounding", "state_dtype")
 
-# The optimizer's own keys in param_groups, beside torch's: never saved in a
-# checkpoint (torch's optimizers would copy them into their groups), always
-# taken from the constructor (or add_param_group) on load.
-FT_GROUP_KEYS = ("backend", "master_weights", "stochastic_rounding", "state_dtype")
-# NOTE [stochastic rounding]: the seed and step count of the random bits.
-ROUNDING_STATE_KEY = "fasttricks_rounding"
+
+def anchor_param(optimizer):
+    """NOTE [state-resident extras]: the param whose state holds the
+    optimizer-wide extras: the first that requires grad (DCP keeps no state
+    for the others), else the first."""
+    first = None
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.requires_grad:
+                return p
+            first = p if first is None else first
+    return first
+
+
+def write_state(optimizer, writes) -> None:
+    """[(param, key, value)] into optimizer.state; on a fasttricks optimizer
+    without invalidating its plans (extras change nothing a plan holds)."""
+    cache = optimizer.__dict__.get("_ft_cache")
+    if cache is not None:
+        cache.write_state(optimizer, writes)
+    else:
+        for p, key, value in writes:
+            optimizer.state[p][key] = value
 
 
 class FusedOptimizerMixin:
     """Mixed in before a torch.optim class; subclasses define `_family_flags`,
     `_needs_state`, `_init_state`, `_build_plan`, `_hyper` and may extend
-    `_group_keys` (their own param_group keys) and `_step_plan`."""
+    `_option_names` (their own per-group options) and `_step_plan`."""
 
-    _group_keys = FT_GROUP_KEYS
+    _option_names = FT_OPTION_NAMES
+    _option_defaults: dict = {}  # a family's defaults for options beyond FT_OPTION_NAMES
 
     profile_hook_step = staticmethod(_compat.profile_hook_step)
 
@@ -62,25 +118,25 @@ class FusedOptimizerMixin:
         check_precision_options(master_weights, stochastic_rounding, state_dtype)
         if isinstance(rounding_seed, bool) or not isinstance(rounding_seed, int):
             raise TypeError(f"rounding_seed must be an int, got {type(rounding_seed).__name__}")
+        self._ft_defaults = {"backend": backend, "master_weights": bool(master_weights),
+                             "stochastic_rounding": bool(stochastic_rounding), "state_dtype": state_dtype,
+                             **self._option_defaults}
+        given = self.__dict__.get("_ft_options", {})
+        self._ft_options = {}
+        for group in self.param_groups:
+            entry = given.get(id(group))
+            self._ft_options[id(group)] = (group, self._complete_options(entry[1] if entry else {}))
         if backend not in ("auto", "reference"):
             devices = {p.device for g in self.param_groups for p in g["params"]}
             for device in devices or {torch.device("cpu")}:
                 _backends.resolve(backend, device)  # raises if unavailable: no silent fallback
-        self.defaults["backend"] = backend
-        self.defaults["master_weights"] = bool(master_weights)
-        self.defaults["stochastic_rounding"] = bool(stochastic_rounding)
-        self.defaults["state_dtype"] = state_dtype
-        for group in self.param_groups:
-            for key in self._group_keys:
-                if key in self.defaults:
-                    group.setdefault(key, self.defaults[key])
-            check_precision_options(group["master_weights"], group["stochastic_rounding"], group["state_dtype"])
         # NOTE [stochastic rounding]: the random bits of step k are keyed by
         # (rounding_seed, k); k counts the steps taken with rounding on.
         self.rounding_seed = rounding_seed
         self._ft_round_step = 0
         self._ft_round_key = 0
-        self._step_supports_amp_scaling = True
+        # NOTE [found_inf contract]: the fused unscale only on torch's opt-in.
+        self._step_supports_amp_scaling = any(bool(g.get("fused")) for g in self.param_groups)
         self.state = StateDict(self.state)
         self._ft_cache = PlanCache()
         # Random gradient and friends fold a factor into the step's gradient
@@ -89,72 +145,152 @@ class FusedOptimizerMixin:
         self._ft_sampler = None  # NOTE [fused weight averaging]
         _compiled.register(self)  # NOTE [compiled step]
 
+    # ---- per-group options (NOTE [group options]) ------------------------------
+
+    def _complete_options(self, given: dict) -> dict:
+        options = {**self._ft_defaults, **given}
+        _backends.check_backend_name(options["backend"])
+        check_precision_options(options["master_weights"], options["stochastic_rounding"], options["state_dtype"])
+        options["master_weights"] = bool(options["master_weights"])
+        options["stochastic_rounding"] = bool(options["stochastic_rounding"])
+        return options
+
+    def group_options(self, group) -> dict:
+        """The fasttricks options of `group` (one of `param_groups`): backend,
+        master_weights, stochastic_rounding, state_dtype (and SGD's
+        decoupled_weight_decay). Read-only: change them with set_group_options."""
+        entry = self._ft_options.get(id(group))
+        if entry is None or entry[0] is not group:  # a group dict put in by hand: the defaults
+            entry = self._ft_options[id(group)] = (group, self._complete_options(self._take_options(group)))
+        return entry[1]
+
+    def set_group_options(self, group, **options) -> None:
+        """Change fasttricks options of one param group (a dict of
+        `param_groups`, or its index); the group's plans are rebuilt."""
+        if isinstance(group, int):
+            group = self.param_groups[group]
+        unknown = sorted(set(options) - set(self._option_names))
+        if unknown:
+            raise TypeError(f"set_group_options: unknown option(s) {unknown}; options are {list(self._option_names)}")
+        merged = self._complete_options({**self.group_options(group), **options})
+        if merged.get("backend") not in ("auto", "reference"):
+            for device in {p.device for p in group["params"]}:
+                _backends.resolve(merged["backend"], device)
+        self._ft_options[id(group)] = (group, merged)
+
+    def _take_options(self, group) -> dict:
+        return {k: group.pop(k) for k in self._option_names if k in group}
+
     def add_param_group(self, param_group):
+        if not isinstance(param_group, dict):
+            return super().add_param_group(param_group)  # torch's TypeError
+        given = self._take_options(param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        for key in self._group_keys:
-            if key in self.defaults:
-                group.setdefault(key, self.defaults[key])
-        if "backend" in group:
-            _backends.check_backend_name(group["backend"])
-        if "master_weights" in group:
-            check_precision_options(group["master_weights"], group.get("stochastic_rounding"),
-                                    group.get("state_dtype"))
+        store = self.__dict__.setdefault("_ft_options", {})
+        # Before _ft_init (torch's constructor adds the groups) the defaults are not known yet.
+        store[id(group)] = (group, self._complete_options(given) if "_ft_defaults" in self.__dict__ else given)
+
+    # ---- checkpoints -------------------------------------------------------------
 
     def state_dict(self):
-        """torch's state_dict, byte for byte in structure: plain dicts for the
-        per-param state, and none of our own group keys (`backend`,
-        `master_weights`, SGD's `decoupled_weight_decay`), so that torch's
-        optimizers load it exactly as one of their own."""
+        """torch's state_dict, byte for byte in structure (plain dicts for the
+        per-param state, torch's keys only in param_groups), so that torch's
+        optimizers load it exactly as one of their own; the extras (NOTE
+        [state-resident extras]) ride in the per-param state."""
+        if any(rounds_stochastically(self.group_options(g)) for g in self.param_groups):
+            anchor = anchor_param(self)
+            write_state(self, [(anchor, ROUNDING_SEED_KEY, int(self.rounding_seed)),
+                               (anchor, ROUNDING_STEP_KEY, int(self._ft_round_step))])
         state_dict = super().state_dict()
         state_dict["state"] = {k: plain(v) for k, v in state_dict["state"].items()}
-        state_dict["param_groups"] = [{k: v for k, v in g.items() if k not in self._group_keys}
-                                      for g in state_dict["param_groups"]]
-        if any(rounds_stochastically(g) for g in self.param_groups):
-            state_dict[ROUNDING_STATE_KEY] = {"seed": self.rounding_seed, "step": self._ft_round_step}
         return state_dict
 
     def load_state_dict(self, state_dict):
-        kept = [{k: g[k] for k in self._group_keys if k in g} for g in self.param_groups]
+        kept = [self.group_options(g) for g in self.param_groups]
         self.__dict__.pop("_ft_claimed_samplers", None)
-        saved = state_dict.get(SAMPLER_STATE_KEY, {})
-        for sampler in self.__dict__.get("_ft_samplers", ()):  # all of them fit, or nothing is loaded
-            entry = sampler.saved_state_in(saved)
-            if entry is not None:
-                sampler.check_state_dict(entry)
-        super().load_state_dict(state_dict)
-        for group, own in zip(self.param_groups, kept):
-            group.update(own)  # the constructor's settings, whatever an older checkpoint saved
-        # NOTE [sampler checkpoints] (fasttricks/sampling/_base.py): the samplers
-        # attached now loaded theirs in a pre-hook; the rest wait for their sampler.
-        claimed = self.__dict__.pop("_ft_claimed_samplers", set())
-        self._ft_pending_samplers = {k: v for k, v in saved.items() if k not in claimed}
-        rounding = state_dict.get(ROUNDING_STATE_KEY)
+        super().load_state_dict(state_dict)  # samplers check (pre-hook) and load (post-hook) theirs
+        self._ft_options = {}
+        for group, options in zip(self.param_groups, kept):
+            self._take_options(group)  # an older checkpoint may have saved some
+            self._ft_options[id(group)] = (group, options)  # the constructor's settings
+        saved_ids = list(itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved_states = [state_dict["state"].get(pid) for pid in saved_ids]
+        # NOTE [stochastic rounding]: the counters, on the anchor (or, older, beside the state).
+        rounding = state_dict.get(LEGACY_ROUNDING_STATE_KEY)
+        found = next((s for s in saved_states if isinstance(s, dict) and ROUNDING_STEP_KEY in s), None)
+        if found is not None:
+            rounding = {"seed": found.get(ROUNDING_SEED_KEY, self.rounding_seed), "step": found[ROUNDING_STEP_KEY]}
         if rounding is not None:
             self.rounding_seed, self._ft_round_step = int(rounding["seed"]), int(rounding["step"])
+        # NOTE [sampler checkpoints] (fasttricks/sampling/_base.py): the samplers
+        # attached now loaded theirs in their hooks; the rest wait for their sampler.
+        claimed = self.__dict__.pop("_ft_claimed_samplers", set())
+        pending = {k: v for k, v in state_dict.get(LEGACY_SAMPLER_STATE_KEY, {}).items() if k not in claimed}
+        for state in saved_states:
+            for k in state or ():
+                if is_extra_key(k) and k.endswith("/total_steps") and k[:-len("/total_steps")] not in claimed:
+                    pending.setdefault(k[:-len("/total_steps")], None)  # None: in optimizer.state
+        self._ft_pending_samplers = pending
         # torch casts loaded state to the param dtype; master-weight state is
-        # fp32, so take those tensors again from the checkpoint at full precision.
-        saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        for group in self.param_groups:
-            for p, pid in zip(group["params"], saved_ids):
-                want = state_dtype(group, p.dtype)
-                if (want != p.dtype or uses_master(group, p.dtype)) and pid in state_dict["state"]:
-                    for k, v in state_dict["state"][pid].items():
-                        if k != "step" and torch.is_tensor(v) and v.is_floating_point():
-                            dtype = torch.float32 if k == "master_param" else want
-                            self.state[p][k] = v.to(device=p.device, dtype=dtype, copy=True)
+        # fp32 (and so are the averages of 16-bit params with master weights or
+        # stochastic rounding), so take those tensors again from the checkpoint
+        # at full precision. The claimed samplers' averages are their own again.
+        for p, saved in zip(params, saved_states):
+            if not saved:
+                continue
+            options = self._options_of(p)
+            want = state_dtype(options, p.dtype)
+            for k, v in saved.items():
+                if k == "step" or not torch.is_tensor(v) or not v.is_floating_point():
+                    continue
+                if is_extra_key(k):
+                    if k.split("/", 1)[0] in pending:
+                        self.state[p][k] = v.to(device=p.device, copy=True)
+                elif want != p.dtype or uses_master(options, p.dtype):
+                    self.state[p][k] = v.to(device=p.device, dtype=torch.float32 if k == "master_param" else want,
+                                            copy=True)
         self._ft_cache.clear()
 
+    def _options_of(self, p) -> dict:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return self.group_options(group)
+        return self._ft_defaults
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        # NOTE [group options]: torch pickles defaults, state and param_groups only.
+        state["fasttricks"] = {"defaults": dict(self._ft_defaults),
+                               "group_options": [dict(self.group_options(g)) for g in self.param_groups],
+                               "rounding_seed": self.rounding_seed, "rounding_step": self._ft_round_step}
+        return state
+
     def __setstate__(self, state):
+        extra = state.pop("fasttricks", None)
         super().__setstate__(state)
         self.state = StateDict(self.state)
         self._ft_cache = PlanCache()
+        if extra is not None:  # an unpickled or deep-copied optimizer
+            self._ft_defaults = extra["defaults"]
+            self._ft_options = {id(g): (g, dict(o)) for g, o in zip(self.param_groups, extra["group_options"])}
+            self.rounding_seed, self._ft_round_step = extra["rounding_seed"], extra["rounding_step"]
+        elif "_ft_defaults" not in self.__dict__:  # pickled by a version that kept the options in the groups
+            self._ft_defaults = {"backend": "auto", "master_weights": False, "stochastic_rounding": False,
+                                 "state_dtype": None, **self._option_defaults}
+            for k in self._option_names:
+                if k in self.defaults:
+                    self._ft_defaults[k] = self.defaults.pop(k)
+            self._ft_options = {id(g): (g, self._complete_options(self._take_options(g))) for g in self.param_groups}
+        # (else: torch's load_state_dict, which sets state and param_groups only: load_state_dict re-keys the options)
         self.__dict__.setdefault("grad_multiplier", 1.0)
         self.__dict__.setdefault("_ft_sampler", None)
         self.__dict__.setdefault("rounding_seed", 0)
         self.__dict__.setdefault("_ft_round_step", 0)
         self.__dict__.setdefault("_ft_round_key", 0)
-        self._step_supports_amp_scaling = True
+        if "_step_supports_amp_scaling" not in self.__dict__:  # NOTE [found_inf contract]: torch's pickling forgets it
+            self._step_supports_amp_scaling = any(bool(g.get("fused")) for g in self.param_groups)
         if "_ft_compile_id" not in self.__dict__:  # a copy or an unpickled optimizer
             _compiled.register(self)
 
@@ -163,6 +299,12 @@ class FusedOptimizerMixin:
         sampler claimed (NOTE [sampler checkpoints]); returns their keys."""
         keys = sorted(self.__dict__.get("_ft_pending_samplers") or ())
         self._ft_pending_samplers = {}
+        prefixes = tuple(f"{k}/" for k in keys)
+        if prefixes:
+            for p, state in list(self.state.items()):
+                if isinstance(state, dict):
+                    for k in [k for k in state if isinstance(k, str) and k.startswith(prefixes)]:
+                        del state[k]
         return keys
 
     # ---- fused weight averaging (NOTE [fused weight averaging]) ------------
@@ -189,8 +331,10 @@ class FusedOptimizerMixin:
         """The group switches a plan is built for: a change rebuilds it. (Read
         as they are, not through rounds_stochastically() and friends: this runs
         every step, and each call costs the cold step time.)"""
-        return (group["backend"], group["master_weights"], group.get("stochastic_rounding"),
-                group.get("state_dtype"), group.get("differentiable"), *self._family_flags(group))
+        entry = self._ft_options.get(id(group))
+        options = entry[1] if entry is not None and entry[0] is group else self.group_options(group)
+        return (options["backend"], options["master_weights"], options["stochastic_rounding"],
+                options["state_dtype"], group.get("differentiable"), *self._family_flags(group, options))
 
     def _build_group(self, group, flags) -> GroupPlans:
         if group.get("differentiable") or any(p.device.type == "meta" for p in group["params"]):
@@ -198,60 +342,70 @@ class FusedOptimizerMixin:
         buckets: dict[tuple, list] = {}
         stateless, created, sparse = [], [], []
         backends: dict = {}
+        options = self.group_options(group)
         try:
             for p in group["params"]:
                 if self._sparse_grads_ok and p.grad is not None and p.grad.is_sparse:
                     sparse.append(p)  # NOTE [sparse grads]
                     continue
                 state = self.state.get(p)
-                if not state:
+                if own_state_empty(state):
                     created.append(p)  # dropped below unless this build fills it
                 if self._needs_state(group, state):
                     if p.grad is None:
                         stateless.append(p)
                         continue
                     state = self._init_state(group, p)
-                if state or uses_master(group, p.dtype):
-                    normalise_state(p, self.state[p], group, backend_for(group, p.device, backends))
+                if state or uses_master(options, p.dtype):
+                    normalise_state(p, self.state[p], options, backend_for(options, p.device, backends))
                 buckets.setdefault((p.device, p.dtype, is_dtensor(p)), []).append(p)
-            created = [p for p in created if self.state.get(p)]
-            entry = self._build_buckets(group, flags, buckets, stateless, backends)
+            created = [p for p in created if not own_state_empty(self.state.get(p))]
+            entry = self._build_buckets(group, options, flags, buckets, stateless, backends)
             entry.sparse = sparse
         except BaseException:
-            self._forget_state([p for p in created if self.state.get(p)])
+            self._forget_state([p for p in created if not own_state_empty(self.state.get(p))])
             raise
         entry.created = created
         return entry
 
     def _forget_state(self, params) -> None:
-        """A step that raises writes nothing: state entries it created go again."""
+        """A step that raises writes nothing: state entries it created go
+        again (the extras, NOTE [state-resident extras], stay)."""
         for p in params:
-            self.state.pop(p, None)
+            state = self.state.get(p)
+            if state is None:
+                continue
+            extras = {k: v for k, v in state.items() if is_extra_key(k)}
+            if extras:
+                self.state[p] = extras
+            else:
+                self.state.pop(p, None)
 
-    def _build_buckets(self, group, flags, buckets, stateless, backends) -> GroupPlans:
+    def _build_buckets(self, group, options, flags, buckets, stateless, backends) -> GroupPlans:
         plans, shards, real_views = [], [], []
         index = None
-        if rounds_stochastically(group):  # NOTE [stochastic rounding]: keyed by the index among all params
+        rounding_on = rounds_stochastically(options)
+        if rounding_on:  # NOTE [stochastic rounding]: keyed by the index among all params
             all_params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
             index = {id(p): i for i, p in enumerate(all_params)}
         for (device, dtype, sharded), params in buckets.items():
-            backend = backend_for(group, device, backends)
-            master = uses_master(group, dtype)
+            backend = backend_for(options, device, backends)
+            master = uses_master(options, dtype)
             view = None
             if dtype.is_complex:  # NOTE [complex params]
                 views = {id(p): torch.view_as_real(p.detach()) for p in params}
                 view = lambda t, views=views: views.get(id(t)) if id(t) in views else torch.view_as_real(t)  # noqa: E731
                 real_views += [(p, views[id(p)]) for p in params]
             rounding = [index[id(p)] for p in params] if index is not None else None
-            plan = self._build_plan(backend, group, params, master, view or _same, rounding=rounding)
+            plan = self._build_plan(backend, group, options, params, master, view or _same, rounding=rounding)
             if self._ft_sampler is not None:
                 averages = [(view or _same)(a)
-                            for a in self._ft_sampler.averages_for(params, average_dtype(group, dtype))]
+                            for a in self._ft_sampler.averages_for(params, average_dtype(options, dtype))]
                 plan.set_averages(local_shards(averages) if sharded and backend != "reference" else averages)
             if sharded and backend != "reference":
                 shards += [(p, p._local_tensor) for p in params]
             plans.append(plan)
-        return GroupPlans(group, flags, plans, stateless, shards, real_views=real_views)
+        return GroupPlans(group, flags, plans, stateless, shards, real_views=real_views, rounding=rounding_on)
 
     # ---- the step -------------------------------------------------------
 

@@ -34,33 +34,39 @@ from fasttricks.optim._tracked import ParamList, StateDict
 DEVICE_BACKENDS = ("triton", "cuda")
 
 
-def uses_master(group, dtype: torch.dtype) -> bool:
-    """Whether params of `dtype` in `group` keep an fp32 master copy."""
-    return bool(group.get("master_weights")) and dtype in LOW_PRECISION
+# The functions below take a group's fasttricks options (NOTE [group options]
+# in fasttricks/optim/_fused.py): a mapping with backend, master_weights,
+# stochastic_rounding and state_dtype; an empty one (a torch optimizer's group)
+# means all off.
 
 
-def rounds_stochastically(group) -> bool:
+def uses_master(options, dtype: torch.dtype) -> bool:
+    """Whether params of `dtype` under `options` keep an fp32 master copy."""
+    return bool(options.get("master_weights")) and dtype in LOW_PRECISION
+
+
+def rounds_stochastically(options) -> bool:
     """Whether the group's bf16/fp16 writes (params, state) round
     stochastically (NOTE [stochastic rounding], fasttricks/ops/rounding.py)."""
-    return bool(group.get("stochastic_rounding"))
+    return bool(options.get("stochastic_rounding"))
 
 
-def state_dtype(group, param_dtype: torch.dtype) -> torch.dtype:
+def state_dtype(options, param_dtype: torch.dtype) -> torch.dtype:
     """The dtype of a param's moments / momentum buffer (docs/precision.md):
     the group's `state_dtype` when one was asked for, else fp32 with master
     weights and the param's own dtype without."""
-    asked = group.get("state_dtype")
+    asked = options.get("state_dtype")
     if asked is not None and param_dtype in (torch.float32,) + LOW_PRECISION:
         return asked
-    return torch.float32 if uses_master(group, param_dtype) else param_dtype
+    return torch.float32 if uses_master(options, param_dtype) else param_dtype
 
 
-def average_dtype(group, param_dtype: torch.dtype) -> torch.dtype:
+def average_dtype(options, param_dtype: torch.dtype) -> torch.dtype:
     """The dtype of a fused sampler's running average (and of the master copy):
     fp32 for bf16/fp16 params with master weights or stochastic rounding
     (a bf16 average would lose the small increments of an EMA), else the
     param's own dtype."""
-    if param_dtype in LOW_PRECISION and (uses_master(group, param_dtype) or rounds_stochastically(group)):
+    if param_dtype in LOW_PRECISION and (uses_master(options, param_dtype) or rounds_stochastically(options)):
         return torch.float32
     return param_dtype
 
@@ -75,17 +81,31 @@ def check_precision_options(master_weights, stochastic_rounding, state_dtype_ask
         raise ValueError("master_weights keeps fp32 state; state_dtype=torch.bfloat16 needs master_weights=False")
 
 
-def normalise_state(p, state, group, backend: str) -> None:
+def is_extra_key(key) -> bool:
+    """Whether a param's state entry is one the optimizer's own math never
+    reads: a sampler's average or counters, the stochastic-rounding counters
+    (NOTE [state-resident extras] in fasttricks/optim/_fused.py). Their names
+    hold a '/', which torch's own state keys never do."""
+    return isinstance(key, str) and "/" in key
+
+
+def own_state_empty(state) -> bool:
+    """Whether a param's state holds nothing of the optimizer's own (it may
+    hold extras: is_extra_key)."""
+    return not state or all(is_extra_key(k) for k in state)
+
+
+def normalise_state(p, state, options, backend: str) -> None:
     """State dtypes and devices as the kernels need them (after a checkpoint
     load, a change of master_weights or state_dtype, or torch writing the
     step as float64 under a float64 default dtype): see state_dtype(); `step`
     a 0-dim float tensor, float32 on the param's device for the device
     backends (their kernels read it as float32), float32 or float64 on the
     CPU otherwise."""
-    master = uses_master(group, p.dtype)
-    want = state_dtype(group, p.dtype)
+    master = uses_master(options, p.dtype)
+    want = state_dtype(options, p.dtype)
     for k, v in list(state.items()):
-        if k == "step" or not torch.is_tensor(v) or not (v.is_floating_point() or v.is_complex()):
+        if k == "step" or is_extra_key(k) or not torch.is_tensor(v) or not (v.is_floating_point() or v.is_complex()):
             continue
         if k == "master_param" and not master:
             del state[k]
@@ -112,7 +132,7 @@ class GroupPlans:
     __slots__ = ("group", "params", "params_version", "flags", "buckets", "stateless", "shards", "real_views",
                  "created", "torch_step", "rounding", "sparse")
 
-    def __init__(self, group, flags, buckets, stateless, shards, torch_step=False, real_views=()):
+    def __init__(self, group, flags, buckets, stateless, shards, torch_step=False, real_views=(), rounding=False):
         self.group = group
         self.params = group["params"]
         self.params_version = self.params.version
@@ -123,7 +143,7 @@ class GroupPlans:
         self.real_views = real_views  # NOTE [complex params]: (complex param, its real view)
         self.created = ()           # params whose state this build created, until a step commits
         self.torch_step = torch_step  # differentiable=True or meta params: torch's own step runs them
-        self.rounding = rounds_stochastically(group)
+        self.rounding = rounding
         self.sparse = []            # NOTE [sparse grads]: params stepped outside the plans
 
     def valid(self, group, flags) -> bool:
@@ -184,10 +204,10 @@ class PlanCache:
             self.state_version = state.version.n
 
 
-def backend_for(group, device, cache: dict) -> str:
-    """The concrete backend of `group` for `device` (resolved once per build)."""
+def backend_for(options, device, cache: dict) -> str:
+    """The concrete backend of a group (its options) for `device` (resolved once per build)."""
     if device not in cache:
-        cache[device] = _backends.resolve(group["backend"], device)
+        cache[device] = _backends.resolve(options["backend"], device)
     return cache[device]
 
 

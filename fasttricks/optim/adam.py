@@ -5,6 +5,7 @@ import torch
 
 from fasttricks.ops.adam import AdamHyper, make_adam_plan
 from fasttricks.optim._fused import FusedOptimizerMixin
+from fasttricks.optim._plan_cache import own_state_empty
 
 __all__ = ["Adam", "AdamW"]
 
@@ -25,20 +26,26 @@ _EXTRA_DOC = """
             torch.float32 or torch.bfloat16: the dtype of exp_avg / exp_avg_sq.
         rounding_seed: the seed of the stochastic rounding, saved in state_dict().
         See docs/precision.md for when to choose which.
-    `foreach` and `fused` are accepted for compatibility and ignored: the step
-    is always one fused pass. `differentiable=True` runs torch's own step.
+    The options are kept per param group beside `param_groups` (a group dict
+    may carry them; see group_options / set_group_options), so that the
+    groups hold torch's keys only.
+    The step is always one fused pass: `foreach` is accepted and ignored.
+    `fused=True` is torch's opt-in to the fused unscale under a GradScaler
+    (the kernels divide by the scale and skip on found_inf); by default the
+    scaler unscales and skips, as for torch's non-fused optimizers.
+    `differentiable=True` runs torch's own step.
 """
 
 
 class _AdamFamily(FusedOptimizerMixin):
-    def _family_flags(self, group):
+    def _family_flags(self, group, options):
         return group["amsgrad"], group.get("decoupled_weight_decay")
 
     def _decoupled(self, group) -> bool:
         return bool(group.get("decoupled_weight_decay", False))
 
     def _needs_state(self, group, state) -> bool:
-        return not state
+        return own_state_empty(state)
 
     def _init_state(self, group, p):
         # torch's layout: "step" is a 0-dim float32 tensor, on the param's device
@@ -51,7 +58,7 @@ class _AdamFamily(FusedOptimizerMixin):
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _build_plan(self, backend, group, params, master, view, rounding):
+    def _build_plan(self, backend, group, options, params, master, view, rounding):
         """`view` maps a param or state tensor to what the plan steps (NOTE [complex params]);
         `rounding`: the params' indices, keys of their stochastic rounding (None: off)."""
         states = [self.state[p] for p in params]

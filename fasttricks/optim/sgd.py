@@ -6,7 +6,7 @@ import torch
 from fasttricks.ops._plan import found_inf_set, inv_grad_scale
 from fasttricks.ops.average import average_reference_
 from fasttricks.ops.sgd import SgdHyper, make_sgd_plan
-from fasttricks.optim._fused import FT_GROUP_KEYS, FusedOptimizerMixin
+from fasttricks.optim._fused import FT_OPTION_NAMES, FusedOptimizerMixin
 from fasttricks.optim._plan_cache import average_dtype, state_dtype
 
 __all__ = ["SGD", "SGDW"]
@@ -26,20 +26,22 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
 """
 
     _decoupled_default = False
-    _group_keys = FT_GROUP_KEYS + ("decoupled_weight_decay",)  # torch's SGD has no such key
+    # torch's SGD has no such key: it is one of our options (NOTE [group options])
+    _option_names = FT_OPTION_NAMES + ("decoupled_weight_decay",)
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None, backend="auto",
                  master_weights=False, stochastic_rounding=False, state_dtype=None, rounding_seed=0):
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize,
                          foreach=foreach, differentiable=differentiable, fused=fused)
-        self.defaults["decoupled_weight_decay"] = self._decoupled_default
-        for group in self.param_groups:
-            group.setdefault("decoupled_weight_decay", self._decoupled_default)
         self._ft_init(backend, master_weights, stochastic_rounding, state_dtype, rounding_seed)
 
-    def _family_flags(self, group):
-        return group["momentum"] != 0, group["nesterov"], group.get("decoupled_weight_decay")
+    @property
+    def _option_defaults(self):
+        return {"decoupled_weight_decay": self._decoupled_default}
+
+    def _family_flags(self, group, options):
+        return group["momentum"] != 0, group["nesterov"], options["decoupled_weight_decay"]
 
     def _needs_state(self, group, state) -> bool:
         # A param without a buffer waits, stateless, for its first grad.
@@ -48,7 +50,7 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
     def _init_state(self, group, p):
         return self.state.get(p)  # the buffer comes from the plan (_build_plan)
 
-    def _build_plan(self, backend, group, params, master, view, rounding):
+    def _build_plan(self, backend, group, options, params, master, view, rounding):
         """`view` maps a param or state tensor to what the plan steps (NOTE [complex params])."""
         momentum = group["momentum"] != 0
         bufs, first, pending = ([], [], {}) if momentum else (None, [False] * len(params), {})
@@ -57,14 +59,14 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
                 state = self.state.get(p)
                 buf = state.get("momentum_buffer") if state else None
                 if buf is None:  # the kernel writes buf = g on the first step
-                    buf = torch.zeros_like(p, dtype=state_dtype(group, p.dtype),
+                    buf = torch.zeros_like(p, dtype=state_dtype(options, p.dtype),
                                            memory_format=torch.preserve_format)
                     pending[i] = (p, buf)
                 bufs.append(view(buf))
                 first.append(i in pending)
         plan = make_sgd_plan(backend, [view(p) for p in params], bufs,
                              [view(self.state[p]["master_param"]) for p in params] if master else None, first,
-                             nesterov=bool(group["nesterov"]), decoupled=bool(group.get("decoupled_weight_decay")),
+                             nesterov=bool(group["nesterov"]), decoupled=bool(options["decoupled_weight_decay"]),
                              rounding=rounding)
         plan._ft_pending = pending  # buffers that enter the state on their first committed step
         return plan
@@ -88,6 +90,7 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
             return
         lr, wd, momentum = float(group["lr"]), group["weight_decay"], group["momentum"]
         dampening, nesterov = group["dampening"], group["nesterov"]
+        options = self.group_options(group)
         mul = self.grad_multiplier * (-1.0 if group["maximize"] else 1.0) * inv_grad_scale(grad_scale)
         stepped, buffers = [], []
         for p in params:
@@ -95,7 +98,7 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
             if g is None:
                 continue
             g = g * mul if mul != 1.0 else g
-            if group.get("decoupled_weight_decay"):
+            if options["decoupled_weight_decay"]:
                 p.mul_(1.0 - lr * wd)
             elif wd != 0:
                 g = g.add(p, alpha=wd)
@@ -111,7 +114,7 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
             stepped.append(p)
         self._ft_cache.write_state(self, buffers)
         if avg_coef != 0 and self._ft_sampler is not None and stepped:
-            averages = [self._ft_sampler.averages_for([p], average_dtype(group, p.dtype))[0] for p in stepped]
+            averages = [self._ft_sampler.averages_for([p], average_dtype(options, p.dtype))[0] for p in stepped]
             average_reference_(averages, [p.detach() for p in stepped], avg_coef)
 
     def _hyper(self, group) -> SgdHyper:

@@ -12,12 +12,18 @@ of that step (0 = this step is not sampled); the update
   the second and further samplers on one fasttricks optimizer.
 
 Counting: `step_in_epoch` (i in docs/sampling.md, 1-based) advances on every
-optimizer step, a GradScaler-skipped one included (it consumed a batch);
-a skipped step adds no sample (NOTE [found_inf contract]). Finding out
-whether a sampling step was skipped reads `found_inf` on the host, so under
-AMP a sampling step synchronises once; non-sampling steps never do. (With a
-torch optimizer that GradScaler skips by not calling `step()` at all, the
-skipped batch is not counted.)
+call of the optimizer's step. Under a GradScaler an overflowing step adds no
+sample: by default the scaler does not call `step()` at all (so the skipped
+batch is not counted either); with the fused unscale (`fused=True`) the step
+runs with found_inf set, counts, and samples nothing (NOTE [found_inf
+contract]). Finding out whether a sampling step was skipped then reads
+`found_inf` on the host, so a sampling step synchronises once; non-sampling
+steps never do.
+
+The averages, counters and averaged buffers are optimizer state (NOTE
+[state-resident extras] in fasttricks/optim/_fused.py): whatever saves the
+optimizer saves them, and loading it restores them (NOTE [sampler
+checkpoints] below).
 
 Methods (fasttricks/sampling/methods.py) override `_coefficient()` and
 `_epoch_end_action()`.
@@ -25,6 +31,7 @@ Methods (fasttricks/sampling/methods.py) override `_coefficient()` and
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import warnings
 
@@ -33,8 +40,8 @@ import torch
 from fasttricks._checks import check_int
 from fasttricks.ops._plan import found_inf_set
 from fasttricks.ops.average import average_reference_
-from fasttricks.optim._fused import SAMPLER_STATE_KEY as _STATE_KEY
-from fasttricks.optim._plan_cache import average_dtype
+from fasttricks.optim._fused import LEGACY_SAMPLER_STATE_KEY, anchor_param, write_state
+from fasttricks.optim._plan_cache import average_dtype, own_state_empty
 
 
 def _check_fraction(name: str, value, *, low_open: bool = True) -> float:
@@ -72,8 +79,9 @@ class WeightSampler:
         if not self.params:
             raise ValueError(f"{type(self).__name__}: the optimizer has no parameters")
         self._index = {id(p): i for i, p in enumerate(self.params)}
+        options = getattr(optimizer, "group_options", lambda g: {})
         with torch.no_grad():
-            self.averages: list[torch.Tensor] = [p.detach().to(average_dtype(g, p.dtype), copy=True)
+            self.averages: list[torch.Tensor] = [p.detach().to(average_dtype(options(g), p.dtype), copy=True)
                                                  for g in optimizer.param_groups for p in g["params"]]
         # NOTE [averaged buffers]: with model=, its buffers are averaged too.
         self.model = model
@@ -102,14 +110,20 @@ class WeightSampler:
         # NOTE [sampler checkpoints]: saved with the optimizer under a stable key.
         self.key = _sampler_key(optimizer, type(self).__name__, name)
         _samplers_of(optimizer).append(self)
-        self._handles.append(optimizer.register_state_dict_post_hook(self._optimizer_state_dict_hook))
+        self._loading = None
+        self._handles.append(optimizer.register_state_dict_pre_hook(lambda opt: self._publish(counters=True)))
         self._handles.append(optimizer.register_load_state_dict_pre_hook(self._optimizer_load_hook))
+        self._handles.append(optimizer.register_load_state_dict_post_hook(self._optimizer_loaded_hook))
         pending = getattr(optimizer, "_ft_pending_samplers", None)
         if pending:  # attached after optimizer.load_state_dict (timm's order): claim the saved state
             saved_key = _find_saved(pending, self.key, type(self).__name__)
             if saved_key is not None:
-                self.load_state_dict(pending[saved_key])
+                entry = pending[saved_key]
+                if entry is None:  # in optimizer.state
+                    entry = self._state_from_entries(lambda i: optimizer.state.get(self.params[i]))
+                self.load_state_dict(entry)
                 del pending[saved_key]
+                self._publish(counters=True)
 
     # ---- what a method defines -------------------------------------------
 
@@ -170,6 +184,9 @@ class WeightSampler:
         if sampled:
             self._count_sample()
             self._average_buffers(coef)
+        anchor = self._anchor
+        if anchor is not None and self.optimizer.state.get(anchor[0], {}).get(self._average_key) is not anchor[1]:
+            self._publish(counters=False)  # first step, or the state was cleared or replaced
         return sampled
 
     def _count_sample(self) -> None:
@@ -245,6 +262,8 @@ class WeightSampler:
             want = dtype
             if avg.dtype != want or avg.device != p.device:
                 avg = self.averages[i] = avg.to(device=p.device, dtype=want)
+                if self.optimizer.state.get(p, {}).get(self._average_key) is not None:
+                    write_state(self.optimizer, [(p, self._average_key, avg)])
             out.append(avg)
         return out
 
@@ -268,7 +287,10 @@ class WeightSampler:
         if model is not None:
             self._check_model(model, "end_epoch(model=...)")
         b = self.steps_per_epoch
-        if b is not None and self.step_in_epoch != b:
+        # Fewer steps than b are normal under a GradScaler, which skips the
+        # step on an overflow; fewer than half, or more, is a wrong b (the
+        # number of samples, or of batches under gradient accumulation).
+        if b is not None and (self.step_in_epoch > b or 2 * self.step_in_epoch < b):
             self._warn_once("steps_per_epoch", (
                 f"end_epoch() after {self.step_in_epoch} optimizer steps, but steps_per_epoch={b}; pass "
                 "steps_per_epoch=len(train_loader) (the steps of an epoch, not the number of samples), or the "
@@ -418,6 +440,7 @@ class WeightSampler:
         samplers = _samplers_of(self.optimizer)
         if self in samplers:
             samplers.remove(self)
+        self._unpublish()
 
     def state_dict(self) -> dict:
         state = {"method": type(self).__name__, "averages": list(self.averages)}
@@ -430,12 +453,16 @@ class WeightSampler:
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
         """Everything is checked before anything is written: a state that does
-        not fit raises ValueError and leaves averages and counters as they were."""
+        not fit raises ValueError and leaves averages and counters as they were.
+        An average given as None (a param the checkpoint kept none for) stays."""
         self.check_state_dict(state)
         for a, b in zip(self.averages, state["averages"]):
-            a.copy_(b)  # in place: fused plans keep pointing at these tensors
-        for a, b in zip(self.buffer_averages, state.get("buffers", {}).values()):
-            a.copy_(b)
+            if b is not None:
+                a.copy_(b)  # in place: fused plans keep pointing at these tensors
+        buffers = state.get("buffers", {})
+        for name, a in zip(self.buffer_names, self.buffer_averages):
+            if name in buffers:
+                a.copy_(buffers[name])
         for k in self._COUNTERS:
             setattr(self, k, int(state[k]))
         self._load_extra_state(state)
@@ -452,32 +479,118 @@ class WeightSampler:
         if len(averages) != len(self.averages):
             raise ValueError(f"{name}.load_state_dict: {len(averages)} averages for {len(self.averages)} params")
         for a, b in zip(self.averages, averages):
-            if not torch.is_tensor(b) or a.shape != b.shape:
+            if b is not None and (not torch.is_tensor(b) or a.shape != b.shape):
                 raise ValueError(f"{name}.load_state_dict: average shape {tuple(getattr(b, 'shape', ()))}, "
                                  f"expected {tuple(a.shape)}")
         buffers = state.get("buffers", {})
-        if buffers and (list(buffers) != self.buffer_names or any(
-                not torch.is_tensor(b) or b.shape != a.shape for a, b in zip(self.buffer_averages, buffers.values()))):
+        mine = dict(zip(self.buffer_names, self.buffer_averages))
+        if buffers and (set(buffers) != set(mine) or any(
+                not torch.is_tensor(b) or b.shape != mine[n].shape for n, b in buffers.items())):
             raise ValueError(f"{name}.load_state_dict: averaged buffers {list(buffers)} do not match the model's "
                              f"{self.buffer_names}")
         self._check_extra_state(state)
 
-    def _optimizer_state_dict_hook(self, optimizer, state_dict):
-        state_dict.setdefault(_STATE_KEY, {})[self.key] = self.state_dict()
-        return state_dict
+    # ---- the sampler's entries in optimizer.state (NOTE [state-resident extras]) ----
 
-    def saved_state_in(self, saved: dict):
-        """This sampler's entry in a checkpoint's `fasttricks_samplers` dict, or None."""
-        key = _find_saved(saved, self.key, type(self).__name__)
-        return None if key is None else saved[key]
+    @property
+    def _average_key(self) -> str:
+        return f"{self.key}/average"
+
+    @property
+    def _anchor(self):
+        """(anchor param, its average) or None."""
+        p = anchor_param(self.optimizer)
+        i = self._index.get(id(p)) if p is not None else None
+        return None if i is None else (p, self.averages[i])
+
+    def _publishes(self, p, state) -> bool:
+        # A torch optimizer that takes an empty state for "not initialised"
+        # (Adam: len(state) == 0) must not find our entry alone there.
+        return p.requires_grad and (hasattr(self.optimizer, "attach_averager")
+                                    or isinstance(self.optimizer, torch.optim.SGD) or not own_state_empty(state))
+
+    def _publish(self, counters: bool) -> None:
+        """Put the averages (and, with counters, the counters, hyper-parameters
+        and averaged buffers, on the anchor) into optimizer.state. Not before
+        the first step: DCP takes an empty optimizer.state for one that has
+        not stepped, and initialises it with a step of lr 0."""
+        if self.total_steps == 0:
+            return
+        state, key = self.optimizer.state, self._average_key
+        writes = []
+        for p, avg in zip(self.params, self.averages):
+            own = state.get(p)
+            if (own or {}).get(key) is not avg and self._publishes(p, own):
+                writes.append((p, key, avg))
+        anchor = self._anchor
+        if counters and anchor is not None:
+            p = anchor[0]
+            writes += [(p, f"{self.key}/{k}", int(getattr(self, k))) for k in self._COUNTERS]
+            for k, v in self._extra_state().items():
+                if isinstance(v, dict):
+                    writes += [(p, f"{self.key}/{k}/{kk}", vv) for kk, vv in v.items()]
+                else:
+                    writes.append((p, f"{self.key}/{k}", v))
+            writes += [(p, f"{self.key}/buffer/{n}", b) for n, b in zip(self.buffer_names, self.buffer_averages)]
+        write_state(self.optimizer, writes)
+
+    def _unpublish(self) -> None:
+        prefix = f"{self.key}/"
+        for state in list(self.optimizer.state.values()):
+            if isinstance(state, dict):
+                for k in [k for k in state if isinstance(k, str) and k.startswith(prefix)]:
+                    del state[k]
+
+    def _state_from_entries(self, state_of) -> dict | None:
+        """This sampler's state (as state_dict() gives it) rebuilt from
+        per-param optimizer state entries; `state_of(i)` is the state of
+        self.params[i] (or None). None when they hold none of this sampler."""
+        prefix = f"{self.key}/"
+        averages, meta = [], None
+        for i in range(len(self.params)):
+            st = state_of(i) or {}
+            averages.append(st.get(prefix + "average"))
+            if meta is None and prefix + "total_steps" in st:
+                meta = st
+        if meta is None:
+            return None
+        out: dict = {"method": type(self).__name__, "averages": averages}
+        for k, v in meta.items():
+            if not isinstance(k, str) or not k.startswith(prefix) or k == prefix + "average":
+                continue
+            field, _, sub = k[len(prefix):].partition("/")
+            if sub:
+                out.setdefault("buffers" if field == "buffer" else field, {})[sub] = v
+            else:
+                out[field] = v
+        return out
 
     def _optimizer_load_hook(self, optimizer, state_dict):
-        saved = state_dict.get(_STATE_KEY, {})
-        saved_key = _find_saved(saved, self.key, type(self).__name__)
+        """Check this sampler's saved state before anything is loaded (NOTE
+        [sampler checkpoints]); the post-hook loads it."""
+        self._loading = None
+        legacy = state_dict.get(LEGACY_SAMPLER_STATE_KEY, {})
+        saved_key = _find_saved(legacy, self.key, type(self).__name__)
         if saved_key is not None:
-            self.load_state_dict(saved[saved_key])
+            entry = legacy[saved_key]
+        else:
+            saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict.get("param_groups", ()))
+            live = itertools.chain.from_iterable(g["params"] for g in optimizer.param_groups)
+            by_param = {id(p): state_dict.get("state", {}).get(pid) for p, pid in zip(live, saved_ids)}
+            entry = self._state_from_entries(lambda i: by_param.get(id(self.params[i])))
+            saved_key = self.key
+        if entry is not None:
+            self.check_state_dict(entry)
+            self._loading = entry
             optimizer.__dict__.setdefault("_ft_claimed_samplers", set()).add(saved_key)
         return None
+
+    def _optimizer_loaded_hook(self, optimizer):
+        entry, self._loading = self._loading, None
+        if entry is not None:
+            self.load_state_dict(entry)
+        # The loaded state holds torch's copies (or nothing): ours go back in.
+        self._publish(counters=True)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(epoch={self.epoch}, step_in_epoch={self.step_in_epoch}, "
@@ -485,15 +598,21 @@ class WeightSampler:
 
 
 # NOTE [sampler checkpoints]
-# Each sampler's state is saved in optimizer.state_dict()["fasttricks_samplers"]
-# under its key: the `name` given to the sampler, else its class name, with
-# ":1", ":2", ... for a second and third sampler of one class on one optimizer.
-# It is restored whether the sampler is attached before optimizer.load_state_dict
-# (a load pre-hook) or after it (a fasttricks optimizer keeps the entries no
-# sampler claimed, and a sampler claims its own when it is created). An entry no
-# sampler has claimed by the next step() is an error (fasttricks optimizers):
-# the run would silently restart its averages. Checkpoints of older versions,
-# keyed "<attach order>:<class>", are found by class when that is unambiguous.
+# Each sampler's state is optimizer state (NOTE [state-resident extras]), under
+# its key: the `name` given to the sampler, else its class name, with ":1",
+# ":2", ... for a second and third sampler of one class on one optimizer. Each
+# param's average is state[p]["<key>/average"]; the counters, the
+# hyper-parameters ("<key>/config/<name>") and the averaged buffers
+# ("<key>/buffer/<name>") sit on the anchor param, refreshed by every
+# optimizer.state_dict(). It is restored whether the sampler is attached before
+# optimizer.load_state_dict (checked in a load pre-hook, loaded in the
+# post-hook, so that nothing is half-loaded) or after it (a fasttricks
+# optimizer keeps the entries no sampler claimed, and a sampler claims its own
+# when it is created). An entry no sampler has claimed by the next step() is an
+# error (fasttricks optimizers): the run would silently restart its averages.
+# Checkpoints of earlier versions kept the samplers' states in
+# state_dict()["fasttricks_samplers"], keyed by sampler key, and before that by
+# "<attach order>:<class>" (found by class when that is unambiguous): they load.
 
 
 def _samplers_of(optimizer) -> list:
@@ -508,6 +627,8 @@ def _sampler_key(optimizer, cls_name: str, name: str | None) -> str:
     if name is not None:
         if not isinstance(name, str) or not name:
             raise TypeError(f"{cls_name}: name must be a non-empty str, got {name!r}")
+        if "/" in name:  # NOTE [state-resident extras]: the separator of its state keys
+            raise ValueError(f"{cls_name}: name must not contain '/', got {name!r}")
         if name in taken:
             raise ValueError(f"{cls_name}: this optimizer already has a sampler named {name!r}")
         return name
