@@ -64,3 +64,45 @@ def train(rank, world, init_file, out_dir, backend="cpu", wrap="ddp"):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+# ---- tests/test_dcp.py ----
+
+def dcp_model(dtype):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).to(dtype)
+
+
+def dcp_train(model, opt, steps, start):
+    for s in range(start, start + steps):
+        g = torch.Generator().manual_seed(s)
+        x = torch.randn(5, 6, generator=g).to(next(model.parameters()).dtype)
+        opt.zero_grad()
+        model(x).float().square().mean().backward()
+        opt.step()
+
+
+def fsdp2_dcp_save(rank, world, init_file, ckpt):
+    """tests/test_dcp.py: FSDP2 on `world` ranks trains, saves a sharded DCP
+    checkpoint, and rank 0 saves the full state beside it for comparison."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = dcp_model(torch.float32)
+    fully_shard(model)
+    opt = fasttricks.optim.AdamW(model.parameters(), lr=1e-2)
+    ema = EMA(opt, decay=0.8)
+    dcp_train(model, opt, 3, 0)
+    msd, osd = get_state_dict(model, opt)  # sharded: each rank writes its shards
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
+    full = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+    averages = [a.full_tensor() for a in ema.averages]
+    if rank == 0:
+        torch.save({"model": full[0], "optim": full[1], "ema": averages}, f"{ckpt}/full.pt")
+    dist.barrier()  # as train(): past the last collective, then out without the interpreter's teardown
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -10,7 +10,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import ddp_worker
 import fasttricks.optim as fo
+from ddp_worker import dcp_model as model_of, dcp_train as train
 from fasttricks.sampling import EMA, PSWA
 
 dcp = pytest.importorskip("torch.distributed.checkpoint")
@@ -26,20 +28,6 @@ SETUPS = {
     "SGDW no momentum+EMA": dict(make=lambda ps: fo.SGDW(ps, lr=0.1, weight_decay=0.1), dtype=torch.float32,
                                  samplers=lambda o: [EMA(o, decay=0.8)]),
 }
-
-
-def model_of(dtype):
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).to(dtype)
-
-
-def train(model, opt, steps, start):
-    for s in range(start, start + steps):
-        g = torch.Generator().manual_seed(s)
-        x = torch.randn(5, 6, generator=g).to(next(model.parameters()).dtype)
-        opt.zero_grad()
-        model(x).float().square().mean().backward()
-        opt.step()
 
 
 def snapshot(model, opt, samplers):
@@ -105,32 +93,11 @@ def test_torch_optimizer_with_a_sampler_resumes_through_dcp(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(ema.averages, ema2.averages))
 
 
-def fsdp2_save(rank, world, init_file, ckpt):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        from torch.distributed.fsdp import fully_shard
-
-        model = model_of(torch.float32)
-        fully_shard(model)
-        opt = fo.AdamW(model.parameters(), lr=1e-2)
-        ema = EMA(opt, decay=0.8)
-        train(model, opt, 3, 0)
-        msd, osd = get_state_dict(model, opt)  # sharded: each rank writes its shards
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
-        full = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
-        averages = [a.full_tensor() for a in ema.averages]
-        if rank == 0:
-            torch.save({"model": full[0], "optim": full[1], "ema": averages}, f"{ckpt}/full.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 def test_fsdp2_checkpoint_of_two_ranks_loads_into_one_process(tmp_path):
     pytest.importorskip("torch.distributed.fsdp").fully_shard
     ckpt = str(tmp_path / "ckpt")
-    mp.spawn(fsdp2_save, args=(2, str(tmp_path / "init"), ckpt), nprocs=2, join=True)
+    mp.spawn(ddp_worker.fsdp2_dcp_save, args=(2, str(tmp_path / "init"), ckpt), nprocs=2, join=True)
     full = torch.load(f"{ckpt}/full.pt")
     model = model_of(torch.float32)
     opt = fo.AdamW(model.parameters(), lr=1e-2)
@@ -145,3 +112,27 @@ def test_fsdp2_checkpoint_of_two_ranks_loads_into_one_process(tmp_path):
             assert torch.equal(opt.state[p][k], full["optim"]["state"][name][k]), (name, k)
     assert all(torch.equal(a, b) for a, b in zip(ema.averages, full["ema"]))
     assert ema.total_steps == 3
+
+
+@pytest.mark.parametrize("flatten", [False, True], ids=["nested", "flattened"])
+@pytest.mark.parametrize("direction", ["torch->fasttricks", "fasttricks->torch"])
+def test_dcp_checkpoints_cross_between_torch_and_fasttricks(tmp_path, direction, flatten):
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+    makers = [lambda ps: torch.optim.AdamW(ps, lr=1e-2), lambda ps: fo.AdamW(ps, lr=1e-2)]
+    save_make, load_make = makers if direction == "torch->fasttricks" else makers[::-1]
+    model = model_of(torch.float32)
+    opt = save_make(model.parameters())
+    train(model, opt, 3, 0)
+    msd, osd = get_state_dict(model, opt, options=options)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp_path))
+    train(model, opt, 2, 3)
+    model2 = model_of(torch.float32)
+    opt2 = load_make(model2.parameters())
+    msd2, osd2 = get_state_dict(model2, opt2, options=options)
+    state = {"model": msd2, "optim": osd2}
+    dcp.load(state, checkpoint_id=str(tmp_path))
+    set_state_dict(model2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
+    assert [sorted(g) for g in opt2.param_groups] == [sorted(g) for g in opt.param_groups]
+    train(model2, opt2, 2, 3)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -159,7 +159,7 @@ class HFData(torch.utils.data.Dataset):
         return {"x": self.x[i], "labels": self.y[i]}
 
 
-def hf_run(tmp_path, make, max_steps, resume=None, sampler=None, stop_at=None):
+def hf_run(tmp_path, make, max_steps, resume=None, sampler=None, stop_at=None, bf16=False):
     transformers = pytest.importorskip("transformers")
 
     class StopAt(transformers.TrainerCallback):  # an interrupted run: the schedule of max_steps, cut short
@@ -172,7 +172,7 @@ def hf_run(tmp_path, make, max_steps, resume=None, sampler=None, stop_at=None):
     args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=max_steps, save_steps=3,
                                           per_device_train_batch_size=8, learning_rate=1e-2, report_to=[],
                                           use_cpu=True, logging_strategy="no", disable_tqdm=True, seed=0,
-                                          dataloader_num_workers=0)
+                                          dataloader_num_workers=0, bf16=bf16)
     t = transformers.Trainer(model=model, args=args, train_dataset=HFData(), optimizers=(opt, None),
                              callbacks=[StopAt()] if stop_at else None)
     t.train(resume_from_checkpoint=resume)
@@ -190,6 +190,12 @@ def test_hf_trainer_resume_matches_the_uninterrupted_run(tmp_path):
     assert ema2.total_steps == 6 and all(torch.equal(a, b) for a, b in zip(ema.averages, ema2.averages))
     control, _ = hf_run(tmp_path / "torch", lambda ps: torch.optim.AdamW(ps, lr=1e-2), 6)
     assert_params(whole.parameters(), control.parameters(), exact=False)
+
+
+def test_hf_trainer_bf16_matches_torch(tmp_path):
+    ours, _ = hf_run(tmp_path / "ours", lambda ps: fo.AdamW(ps, lr=1e-2), 6, bf16=True)
+    control, _ = hf_run(tmp_path / "torch", lambda ps: torch.optim.AdamW(ps, lr=1e-2), 6, bf16=True)
+    assert_params(ours.parameters(), control.parameters(), exact=False)
 
 
 # ---- accelerate --------------------------------------------------------------------
