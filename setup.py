@@ -144,5 +144,17 @@ def extensions():
     return exts, {"build_ext": BuildExt.with_options(use_ninja=True)}
 
 
+def license_metadata() -> dict:
+    """The license as this setuptools takes it: an SPDX expression (PEP 639)
+    needs setuptools 77, and older ones (65 in a fresh venv beside torch 2.11,
+    built with --no-build-isolation) reject it in pyproject.toml, so it is
+    dynamic there and given here in the form the running setuptools knows."""
+    import setuptools
+
+    major = int(setuptools.__version__.split(".")[0])
+    return {"license_expression": LICENSE} if major >= 77 else {"license": LICENSE}
+
+
+LICENSE = "BSD-3-Clause"
 ext_modules, cmdclass = extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass=cmdclass, **license_metadata())

@@ -37,7 +37,7 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def resolve_backend(backend: str, logits: torch.Tensor) -> str:
     """The kernel for a factored soft-target CE: "cpu" (csrc/cpu/soft_ce.cpp),
-    "triton" (kernels/soft_ce.py) or "reference" (torch ops). "auto" takes the
+    "triton" (fasttricks/kernels/soft_ce.py) or "reference" (torch ops). "auto" takes the
     C++ kernel for CPU logits and the Triton one for GPU logits, where they
     serve the dtype; an explicit backend that cannot run raises."""
     _backends.check_backend_name(backend)

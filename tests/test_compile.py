@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Every variant a launch can select: each kernel's aot_variants() builds its
 # compile-time arguments with the same helper its launch uses. Adam: 16
-# precisions (kernels/__init__.py PRECISIONS) x 2^4 switches; SGD: 16 x (2^5 -
+# precisions (fasttricks/kernels/__init__.py PRECISIONS) x 2^4 switches; SGD: 16 x (2^5 -
 # the 8 nesterov-without-momentum);
 # mixup: 4 dtypes x (flip, permutation); soft-target CE: 3 dtypes x 3 class
 # blocks x (forward, backward).

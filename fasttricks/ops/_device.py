@@ -12,7 +12,7 @@ Each step the kernels get one int64 buffer, copied to the device at once
 and launch one program (Triton) / block (CUDA) per chunk of CHUNK elements.
 The buffer is rebuilt only when a pointer changed since the last step.
 
-A device plan is given its launch function (kernels/<op>.py for Triton, the
+A device plan is given its launch function (fasttricks/kernels/<op>.py for Triton, the
 CUDA extension's binding for CUDA): the kernels are leaves and import nothing
 from here. `DevicePlan.step` is the one launch helper: it packs the table,
 sets the device guard (Triton and the CUDA binding both launch on the

@@ -148,7 +148,7 @@ class DeviceAdamPlan(DevicePlan):
 
 def launch_cuda_adam(tables, hyper, *, param_dtype, state_dtype, master, stochastic_rounding, grad_scale, found_inf,
                      avg_coef, amsgrad, decoupled, average, device):
-    """The CUDA backend's launch: the extension's binding, called as kernels/adam.py's launch_adam is."""
+    """The CUDA backend's launch: the extension's binding, called as fasttricks/kernels/adam.py's launch_adam is."""
     ptrs, numels, chunk_tensor, chunk_start, n, _ = tables
     lr_value, lr_tensor = scalar_arg(hyper.lr, device)
     _backends.cuda_ext().adam_step(ptrs, numels, chunk_tensor, chunk_start, n, param_dtype, state_dtype,

@@ -140,7 +140,7 @@ class DeviceSgdPlan(DevicePlan):
 
 def launch_cuda_sgd(tables, hyper, *, param_dtype, state_dtype, master, stochastic_rounding, grad_scale, found_inf,
                     avg_coef, nesterov, decoupled, average, device):
-    """The CUDA backend's launch: the extension's binding, called as kernels/sgd.py's launch_sgd is."""
+    """The CUDA backend's launch: the extension's binding, called as fasttricks/kernels/sgd.py's launch_sgd is."""
     ptrs, numels, chunk_tensor, chunk_start, n, _ = tables
     lr_value, lr_tensor = scalar_arg(hyper.lr, device)
     _backends.cuda_ext().sgd_step(ptrs, numels, chunk_tensor, chunk_start, n, param_dtype, state_dtype,

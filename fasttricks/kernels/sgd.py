@@ -1,6 +1,6 @@
 """Fused multi-tensor SGD/SGDW step in Triton (NOTE [SGD math] in
 csrc/include/fasttricks/sgd_math.h; the reference is fasttricks/ops/sgd.py).
-A leaf, as kernels/adam.py: the device plan packs the table and calls launch_sgd."""
+A leaf, as fasttricks/kernels/adam.py: the device plan packs the table and calls launch_sgd."""
 import itertools
 
 import triton
