@@ -23,6 +23,13 @@ import triton.language as tl
 from fasttricks.kernels import SIG_DTYPES, TL_DTYPES
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# NOTE [runtime loop bounds]
+# The class loops run to n_classes, a runtime (not specialised) argument, as
+# `while` loops: triton 3.6's interpreter holds such a scalar as a one-element
+# array, which a `for ... in tl.range(0, n_classes, ...)` bound cannot be
+# converted from (TypeError under numpy 2), while a `while` condition can.
+# Compiled, both are the same scf loop.
 BLOCK_SIZES = (256, 1024, 4096)
 
 
@@ -40,13 +47,15 @@ def soft_ce_forward_kernel(logits_ptr, y_a_ptr, y_b_ptr, lam_ptr, loss_ptr, lse_
     running_max = tl.full((), float("-inf"), tl.float32)
     running_sum = tl.zeros((), tl.float32)
     total = tl.zeros((), tl.float32)
-    for start in tl.range(0, n_classes, BLOCK_C):
+    start = tl.zeros((), tl.int32)
+    while start < n_classes:  # NOTE [runtime loop bounds]
         mask = start + cols < n_classes
         z = tl.load(base + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
         new_max = tl.maximum(running_max, tl.max(z, axis=0))
         running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
         running_max = new_max
         total += tl.sum(tl.where(mask, z, 0.0), axis=0)
+        start += BLOCK_C
     lse = running_max + tl.log(running_sum)
     lam = tl.load(lam_ptr + row)
     z_a = tl.load(base + tl.load(y_a_ptr + row)).to(tl.float32)
@@ -68,13 +77,15 @@ def soft_ce_backward_kernel(logits_ptr, lse_ptr, y_a_ptr, y_b_ptr, lam_ptr, grad
     y_a = tl.load(y_a_ptr + row)
     y_b = tl.load(y_b_ptr + row)
     g = tl.load(grad_loss_ptr + row).to(tl.float32)
-    for start in tl.range(0, n_classes, BLOCK_C):
+    start = tl.zeros((), tl.int32)
+    while start < n_classes:  # NOTE [runtime loop bounds]
         j = start + cols
         mask = j < n_classes
         z = tl.load(base + j, mask=mask, other=0.0).to(tl.float32)
         p = tl.exp(z - lse) - off
         p = p - tl.where(j == y_a, on * lam, 0.0) - tl.where(j == y_b, on * (1.0 - lam), 0.0)
         tl.store(out + j, (p * g).to(OUT_DTYPE), mask=mask)
+        start += BLOCK_C
 
 
 def forward(logits: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor, lam: torch.Tensor, on: float,
