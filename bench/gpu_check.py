@@ -1,12 +1,20 @@
-"""The one GPU check: on a machine with a CUDA GPU and fasttricks installed
-(`pip install --no-build-isolation .`, which builds fasttricks._C_cuda), run
+"""The one GPU check: on a machine with a CUDA GPU and torch installed, from
+the root of a clone (no network needed), run
 
-    python bench/gpu_check.py [--quick] [--skip-benches]
+    python bench/gpu_check.py [--quick] [--skip-benches] [--budget SECONDS]
 
-It builds nothing. It runs the GPU parity tests (tests/test_gpu.py), the
-probes below for each GPU backend (triton, cuda), and the benches with
-`--device cuda`, and writes one JSON and one markdown file under
-bench/results/ named after the device. The probes:
+It checks the installed fasttricks, never the checkout: when none is
+installed (or it has no CPU extension), it first builds and installs this
+checkout with `pip install --no-build-isolation --no-deps .`, offline. Then,
+stage by stage within the time budget (8 minutes by default), it runs the
+GPU parity tests (tests/test_gpu.py) from outside the checkout, the framework
+tests where lightning, accelerate or transformers are installed, the probes
+below for each GPU backend (triton, cuda), and the benches with `--device
+cuda`. After every stage it rewrites one JSON and one markdown file under
+bench/results/ named after the device; the last line printed says where they
+are and what passed. It fails (exit 1) when a GPU backend that should be
+there is missing (--require, default cuda,triton), when no GPU test ran, or
+when anything failed. The probes:
 
 * no host sync in steady-state steps (torch.cuda.set_sync_debug_mode("error")),
   with GradScaler's grad_scale / found_inf on the device too;
@@ -21,12 +29,16 @@ bench/results/ named after the device. The probes:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import torch
@@ -35,9 +47,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from _timing import RESULTS, environment  # noqa: E402
-
-import fasttricks  # noqa: E402
-import fasttricks.optim as fo  # noqa: E402
 
 CUDA = torch.device("cuda")
 
@@ -59,6 +68,8 @@ SHAPES = [(64, 3, 7, 7), (1000, 37), (5,), (), (4099,)] + [(i % 9 + 1, 3) for i 
 
 
 def probe_no_host_sync(backend):
+    import fasttricks.optim as fo
+
     params = params_and_grads(SHAPES)
     opt = fo.AdamW(params, lr=1e-3, backend=backend)
     sgd_params = params_and_grads(SHAPES, seed=1)
@@ -86,6 +97,8 @@ def _twins(shapes=SHAPES):
 
 
 def probe_side_stream(backend):
+    import fasttricks.optim as fo
+
     a, b = _twins()
     oa, ob = fo.AdamW(a, lr=1e-2, backend=backend), fo.AdamW(b, lr=1e-2, backend=backend)
     side = torch.cuda.Stream()
@@ -101,6 +114,8 @@ def probe_side_stream(backend):
 
 
 def probe_cuda_graph(backend):
+    import fasttricks.optim as fo
+
     a, b = _twins()
     oa, ob = fo.AdamW(a, lr=1e-2, backend=backend), fo.SGD(b, lr=0.1, momentum=0.9, backend=backend)
     eager_a = [p.detach().clone().requires_grad_() for p in a]
@@ -134,6 +149,8 @@ def probe_cuda_graph(backend):
 
 
 def probe_large_param(backend):
+    import fasttricks.optim as fo
+
     n = 2**31 + 5
     free, _ = torch.cuda.mem_get_info()
     if free < 3 * n * 2 + (1 << 30):
@@ -151,6 +168,8 @@ def probe_large_param(backend):
 
 
 def probe_layouts(backend):
+    import fasttricks.optim as fo
+
     shapes = [(8, 16, 5, 7), (33, 65)]
     results = {}
     for name, make in (("odd offset", lambda t: torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape)),
@@ -168,6 +187,7 @@ def probe_layouts(backend):
 
 
 def probe_cuda_vs_triton(_backend=None):
+    import fasttricks.optim as fo
     from fasttricks import _backends
 
     if any(_backends.available(b, CUDA) is not None for b in ("cuda", "triton")):
@@ -199,6 +219,8 @@ def probe_triton_recompiles(_backend=None):
         return {"ok": None, "detail": "skipped: no triton backend"}
     from fasttricks.kernels.adam import adam_kernel
 
+    import fasttricks.optim as fo
+
     params = params_and_grads([(7,)] * 40)
     opt = fo.AdamW(params, lr=1e-3, backend="triton")
     opt.step()
@@ -228,15 +250,104 @@ def run_probe(fn, backend):
     return result
 
 
-def run_command(args, timeout):
+# The checkout must never be imported in place of the installed package.
+OUTSIDE_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
+def run_command(args, timeout, cwd=ROOT, env=None):
     t0 = time.perf_counter()
     try:
-        out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        out = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=max(1.0, timeout), env=env)
         text, code = out.stdout + out.stderr, out.returncode
     except subprocess.TimeoutExpired as exc:
-        text, code = f"timed out after {timeout} s\n{exc.stdout or ''}", 124
-    return {"command": " ".join(args[1:]), "returncode": code, "seconds": round(time.perf_counter() - t0, 1),
-            "tail": text[-3000:]}
+        text, code = f"timed out after {timeout:.0f} s\n{exc.stdout or ''}", 124
+    return {"command": " ".join(str(a) for a in args[1:]), "returncode": code,
+            "seconds": round(time.perf_counter() - t0, 1), "tail": text[-3000:]}
+
+
+# ---- what is installed ------------------------------------------------------------
+
+def installed() -> dict | None:
+    """The fasttricks a fresh interpreter imports outside the checkout: its
+    path, version and backends on CUDA; None when there is none."""
+    code = ("import json, torch, fasttricks; from fasttricks import _backends; "
+            "dev = torch.device('cuda') if torch.cuda.is_available() else torch.device('cpu'); "
+            "print(json.dumps({'path': fasttricks.__file__, 'version': fasttricks.__version__, "
+            "'backends': fasttricks.backends(), "
+            "'gpu': {b: _backends.available(b, dev) for b in ('cuda', 'triton')}}))")
+    with tempfile.TemporaryDirectory() as cwd:
+        out = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, env=OUTSIDE_ENV)
+    if out.returncode != 0:
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def install_checkout(timeout: float) -> dict:
+    """Build and install this checkout against the torch already here, offline."""
+    return run_command([sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index",
+                        str(ROOT)], timeout)
+
+
+def missing_backends(info: dict | None, required: list[str]) -> dict[str, str]:
+    """Required GPU backends the installed fasttricks lacks, with why."""
+    if info is None:
+        return {b: "fasttricks is not importable" for b in required}
+    return {b: info["gpu"].get(b) or "unknown" for b in required if info["gpu"].get(b) is not None}
+
+
+# ---- pytest runs from outside the checkout ----------------------------------------
+
+def junit_counts(path: Path) -> dict:
+    """tests, failures, errors and skipped of a pytest --junitxml file (zeros when absent)."""
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    if not path.is_file():
+        return counts
+    root = ET.parse(path).getroot()
+    for suite in (root.iter("testsuite")):
+        for k in counts:
+            counts[k] += int(suite.get(k, 0))
+    return counts
+
+
+def run_tests(files: list[str], timeout: float, marker: str | None = None) -> dict:
+    """pytest on the checkout's test files, run from a temporary folder so
+    that the tests import the installed fasttricks, never the checkout."""
+    with tempfile.TemporaryDirectory() as cwd:
+        xml = Path(cwd) / "junit.xml"
+        args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
+                "--rootdir", str(ROOT), "-c", str(ROOT / "pyproject.toml")]
+        args += ["-m", marker] if marker else []
+        result = run_command(args + [str(ROOT / f) for f in files], timeout, cwd=cwd, env=OUTSIDE_ENV)
+        result.update(junit_counts(xml))
+    result["ran"] = result["tests"] - result["skipped"]
+    return result
+
+
+def stage_problems(result: dict | None, what: str) -> list[str]:
+    """Why a pytest stage failed: its exit code, or no test executed at all."""
+    if result is None:
+        return []
+    problems = []
+    if result["returncode"] != 0:
+        problems.append(f"{what}: pytest exit {result['returncode']}")
+    if result["ran"] == 0:
+        problems.append(f"{what}: no test ran ({result['tests']} collected, {result['skipped']} skipped)")
+    return problems
+
+
+def verdict(report: dict) -> list[str]:
+    """Everything that failed, in words; empty when the check passed."""
+    problems = [f"backend {b} missing: {why}" for b, why in report.get("missing", {}).items()]
+    problems += stage_problems(report.get("tests"), "GPU tests")
+    problems += stage_problems(report.get("framework_tests"), "framework tests")
+    problems += [f"probe {backend}/{name} failed" for backend, probes in report["probes"].items()
+                 for name, r in probes.items() if isinstance(r, dict) and r.get("ok") is False]
+    problems += [f"bench {b['command']} exit {b['returncode']}" for b in report["benches"] if b["returncode"] != 0]
+    return problems
+
+
+FRAMEWORKS = ("lightning", "accelerate", "transformers")
+FRAMEWORK_TESTS = ["tests/test_frameworks.py", "tests/test_dcp.py"]
 
 
 def main(argv=None):
@@ -244,46 +355,101 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="benches without the 100M-param sets")
     ap.add_argument("--skip-benches", action="store_true")
     ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--budget", type=float, default=480.0,
+                    help="seconds for the whole check (default 480); stages past it are skipped")
+    ap.add_argument("--require", default="cuda,triton",
+                    help="comma-separated GPU backends that must be available (default cuda,triton)")
+    ap.add_argument("--no-build", action="store_true", help="never build: fail when fasttricks is not installed")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device visible")
+    t0 = time.perf_counter()
+    left = lambda: args.budget - (time.perf_counter() - t0)  # noqa: E731
+    required = [b for b in args.require.split(",") if b]
+    device_name = torch.cuda.get_device_name()
+    slug = re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"gpu_check_{slug}.json"
+    report = {"environment": environment("cuda"), "budget_s": args.budget, "stages": [], "install": None,
+              "missing": {}, "probes": {}, "tests": None, "framework_tests": None, "benches": []}
+
+    def save(stage: str) -> None:
+        report["stages"].append({"stage": stage, "elapsed_s": round(time.perf_counter() - t0, 1)})
+        path.write_text(json.dumps(report, indent=1, default=str))
+        path.with_suffix(".md").write_text(markdown(report, device_name))
+
+    def finish() -> int:
+        problems = verdict(report)
+        report["verdict"] = problems or "passed"
+        save("done")
+        print(markdown(report, device_name))
+        print(f"gpu_check: {'FAILED: ' + '; '.join(problems) if problems else 'PASSED'} "
+              f"({summary(report)}); wrote {path} and {path.with_suffix('.md')}")
+        return 1 if problems else 0
+
+    info = installed()
+    if (info is None or info["backends"].get("cpu", {}).get("available") is False) and not args.no_build:
+        report["install"] = install_checkout(left())
+        info = installed()
+    report["fasttricks"] = info
+    report["missing"] = missing_backends(info, required)
+    save("install")
+    if info is None:
+        return finish()
+    if not args.skip_tests:
+        report["tests"] = run_tests(["tests/test_gpu.py"], left(), marker="gpu")
+        save("GPU tests")
+        if any(importlib.util.find_spec(f) is not None for f in FRAMEWORKS) and left() > 30:
+            report["framework_tests"] = run_tests(FRAMEWORK_TESTS, left())
+            save("framework tests")
+    import fasttricks
     from fasttricks import _backends
 
-    device_name = torch.cuda.get_device_name()
-    report = {"environment": environment("cuda"), "backends": fasttricks.backends(), "probes": {}, "tests": None,
-              "benches": []}
-    if not args.skip_tests:
-        report["tests"] = run_command([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                                       "tests/test_gpu.py"], timeout=900)
+    report["backends"] = fasttricks.backends()
     for backend in ("cuda", "triton"):
         if _backends.available(backend, CUDA) is not None:
             report["probes"][backend] = {"skipped": _backends.available(backend, CUDA)}
             continue
         report["probes"][backend] = {name: run_probe(fn, backend) for name, fn in PROBES.items()}
+        save(f"probes {backend}")
     report["probes"]["both"] = {name: run_probe(fn, None) for name, fn in SHARED_PROBES.items()}
+    save("probes")
     if not args.skip_benches:
         for bench in ("bench_optim.py", "bench_sampling.py", "bench_mixup.py"):
+            if left() < 30:
+                report["benches_skipped"] = f"budget: {bench} and after not run"
+                break
             cmd = [sys.executable, f"bench/{bench}", "--device", "cuda", "--save"] + (["--quick"] if args.quick else [])
-            report["benches"].append(run_command(cmd, timeout=900))
-    slug = re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"gpu_check_{slug}.json"
-    path.write_text(json.dumps(report, indent=1, default=str))
-    (RESULTS / f"gpu_check_{slug}.md").write_text(markdown(report, device_name))
-    print(markdown(report, device_name))
-    print(f"wrote {path}")
-    failed = [n for probes in report["probes"].values() for n, r in probes.items()
-              if isinstance(r, dict) and r.get("ok") is False]
-    tests_failed = report["tests"] is not None and report["tests"]["returncode"] != 0
-    return 1 if failed or tests_failed else 0
+            report["benches"].append(run_command(cmd, timeout=left()))
+            save(bench)
+    return finish()
+
+
+def summary(report: dict) -> str:
+    parts = []
+    for key, what in (("tests", "GPU tests"), ("framework_tests", "framework tests")):
+        r = report.get(key)
+        if r:
+            parts.append(f"{what}: {r['ran'] - r['failures'] - r['errors']}/{r['ran']} passed, {r['skipped']} skipped")
+    probes = [r for probes in report["probes"].values() for r in probes.values() if isinstance(r, dict)]
+    parts.append(f"probes: {sum(r.get('ok') is True for r in probes)} ok, {sum(r.get('ok') is False for r in probes)} "
+                 f"failed, {sum(r.get('ok') is None for r in probes)} skipped")
+    parts.append(f"benches: {sum(b['returncode'] == 0 for b in report['benches'])}/{len(report['benches'])}")
+    return "; ".join(parts)
 
 
 def markdown(report, device_name) -> str:
     lines = [f"# GPU check: {device_name}", "", f"torch {torch.__version__}, git {report['environment'].get('git')}", ""]
-    if report["tests"]:
-        t = report["tests"]
-        summary = [line for line in t["tail"].splitlines() if "passed" in line or "failed" in line][-1:]
-        lines += [f"Parity tests (`{t['command']}`): exit {t['returncode']}, {' '.join(summary)}", ""]
+    info = report.get("fasttricks")
+    lines += [f"fasttricks: {info['path'] if info else 'not importable'}", ""]
+    if report.get("missing"):
+        lines += [f"Missing backends: {report['missing']}", ""]
+    for key, what in (("tests", "GPU tests"), ("framework_tests", "Framework tests")):
+        t = report.get(key)
+        if t:
+            lines += [f"{what}: exit {t['returncode']}, {t['ran']} ran ({t['failures']} failed, {t['errors']} errors, "
+                      f"{t['skipped']} skipped) in {t['seconds']} s", ""]
+    lines += [f"Verdict: {report.get('verdict', 'running')}", ""]
     lines += ["| backend | probe | result | detail |", "|---|---|---|---|"]
     for backend, probes in report["probes"].items():
         for name, r in probes.items():

@@ -132,7 +132,8 @@ def _check(args) -> int:
     _bench_folder("check")
     import gpu_check
 
-    return gpu_check.main((["--quick"] if args.quick else []) + (["--skip-benches"] if args.skip_benches else []))
+    return gpu_check.main((["--quick"] if args.quick else []) + (["--skip-benches"] if args.skip_benches else [])
+                          + ["--budget", str(args.budget), "--require", args.require])
 
 
 def _bench(args) -> int:
@@ -216,6 +217,9 @@ def main(argv=None) -> int:
     c.add_argument("--device", default="cuda", choices=["cuda"])
     c.add_argument("--quick", action="store_true", help="benches without the 100M-param sets")
     c.add_argument("--skip-benches", action="store_true")
+    c.add_argument("--budget", type=_positive_float, default=480.0,
+                   help="seconds for the whole check (default 480); later stages are skipped past it")
+    c.add_argument("--require", default="cuda,triton", help="GPU backends that must be available")
     c.set_defaults(fn=_check)
     f = sub.add_parser("lr-find", help="the LR range test on the demo model; saves lr_find.png")
     f.add_argument("--out", default="demo_out")
