@@ -58,6 +58,8 @@ def bytes_per_elem(case, impl=None):
     """Bytes each step reads and writes per param."""
     if case == "adamw_precision":
         return PRECISION_BYTES[impl][0]
+    if case == "adamw_amp":  # the scaler's own unscale reads and writes every grad once more
+        return 28 if impl == "fasttricks_fused_unscale" else 36
     return {"adamw": 28, "sgd_momentum": 20, "sgd_nesterov": 20, "adamw_bf16_master": 28}[case]
 
 
@@ -115,6 +117,28 @@ def opt_cases(device):
         return step
 
     cases["adamw_bf16_master"] = {"fasttricks": ours_master, "torch_upcast_fused": torch_upcast}
+
+    def under_scaler(make_opt):
+        """scaler.step + update, as a GradScaler training loop runs them. Scale 1
+        (never grown), so that the unscale rewrites the grads with their own values."""
+        def factory(shapes):
+            opt = make_opt(make(shapes, device))
+            scaler = torch.amp.GradScaler(torch.device(device).type, init_scale=1.0, growth_interval=2**30)
+            scaler.scale(torch.ones((), device=device))  # the scaler makes its scale on first use
+
+            def step():
+                scaler.step(opt)
+                scaler.update()
+            return step
+        return factory
+
+    # NOTE [found_inf contract]: the default (the scaler unscales, as for torch's
+    # non-fused optimizers) against the fused unscale (fused=True).
+    cases["adamw_amp"] = {
+        "fasttricks_scaler_unscale": under_scaler(lambda ps: fo.AdamW(ps, **adam)),
+        "fasttricks_fused_unscale": under_scaler(lambda ps: fo.AdamW(ps, fused=True, **adam)),
+        "torch_fused": under_scaler(lambda ps: torch.optim.AdamW(ps, fused=True, **adam)),
+    }
 
     def ours_precision(dtype, **kw):
         return lambda shapes: fo.AdamW(make(shapes, device, dtype), **adam, **kw).step
