@@ -160,3 +160,33 @@ def test_cpu_kernel_rejects_out_of_range_classes():
     t = MixedTarget(torch.tensor([0, 11]), torch.tensor([1, 2]), torch.rand(2), 11)
     with pytest.raises(IndexError, match="out of range"):
         soft_target_cross_entropy(torch.randn(2, 11), t)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + KERNELS)
+@pytest.mark.parametrize("C", [7, 300, 1100])  # one block; a whole masked first block (256) and more
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_masked_classes_with_minus_inf_logits_equal_torch(backend, C, smoothing):
+    """Masked classes (-inf logits), whole masked blocks included: the loss and
+    gradient are torch's cross_entropy (label-smoothed, mixed by lam; with
+    smoothing a masked class has target mass, so the loss is +inf as torch's)."""
+    B = 5
+    g = torch.Generator().manual_seed(C)
+    logits = torch.randn(B, C, generator=g) * 3
+    logits[:, : min(C - 3, 600)] = float("-inf")   # the first blocks masked, the labels not
+    logits[1, C - 3] = float("-inf")
+    y_a = torch.full((B,), C - 1, dtype=torch.long)
+    y_b = torch.full((B,), C - 2, dtype=torch.long)
+    lam = torch.rand(B, generator=g)
+    t = MixedTarget(y_a, y_b, lam, C, smoothing)
+    z = logits.clone().requires_grad_()
+    ours = soft_target_cross_entropy(z, t, reduction="none", backend=backend)
+    w = torch.rand(B, generator=g)
+    grad, = torch.autograd.grad(ours, z, grad_outputs=w)
+    zt = logits.clone().requires_grad_()
+    ce = lambda y: torch.nn.functional.cross_entropy(zt, y, reduction="none", label_smoothing=smoothing)  # noqa: E731
+    theirs = lam * ce(y_a) + (1 - lam) * ce(y_b)
+    tgrad, = torch.autograd.grad(theirs, zt, grad_outputs=w)
+    assert torch.equal(ours.isinf(), theirs.isinf()) and not ours.isnan().any()
+    finite = ~theirs.isinf()
+    torch.testing.assert_close(ours[finite], theirs[finite], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, tgrad, rtol=1e-5, atol=1e-6)

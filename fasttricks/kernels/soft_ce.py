@@ -52,7 +52,10 @@ def soft_ce_forward_kernel(logits_ptr, y_a_ptr, y_b_ptr, lam_ptr, loss_ptr, lse_
         mask = start + cols < n_classes
         z = tl.load(base + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
         new_max = tl.maximum(running_max, tl.max(z, axis=0))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+        # Masked classes (-inf logits) may fill whole blocks: while the row
+        # has seen nothing else, shift by 0, not by -inf (-inf - -inf is NaN).
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(z - shift), axis=0)
         running_max = new_max
         total += tl.sum(tl.where(mask, z, 0.0), axis=0)
         start += BLOCK_C
@@ -60,7 +63,8 @@ def soft_ce_forward_kernel(logits_ptr, y_a_ptr, y_b_ptr, lam_ptr, loss_ptr, lse_
     lam = tl.load(lam_ptr + row)
     z_a = tl.load(base + tl.load(y_a_ptr + row)).to(tl.float32)
     z_b = tl.load(base + tl.load(y_b_ptr + row)).to(tl.float32)
-    loss = lse - on * (lam * z_a + (1.0 - lam) * z_b) - off * total
+    # off = 0 (no smoothing) takes no part: 0 * (-inf) of masked classes would be NaN.
+    loss = lse - on * (lam * z_a + (1.0 - lam) * z_b) - off * tl.where(off != 0.0, total, 0.0)
     tl.store(loss_ptr + row, loss)
     tl.store(lse_ptr + row, lse)
 
