@@ -23,7 +23,8 @@ def scalar_arg(value, device):
     (tensor lr): a tensor stays on `device` and is read by the kernel, so the
     step never synchronises and works under CUDA graphs."""
     if torch.is_tensor(value):
-        return 0.0, value.to(device=device, dtype=torch.float32)
+        # Non-blocking, as torch's fused optimizers copy a CPU lr: no host sync per step.
+        return 0.0, value.to(device=device, dtype=torch.float32, non_blocking=True)
     return float(value), None
 
 

@@ -154,6 +154,14 @@ class MixedTarget:
         return self.dense() / other
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A tensor drawn on the host, on `device` without a host sync: through
+    pinned memory and a non-blocking copy (the draws of every batch)."""
+    if t.device == device:
+        return t
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 def _check_labels(y: torch.Tensor, num_classes: int, batch: int) -> None:
     if y.dim() != 1 or y.shape[0] != batch:
         raise ValueError(f"mixup: labels must have shape ({batch},), got {tuple(y.shape)}")
@@ -326,12 +334,14 @@ class Mixup:
                 raise ValueError("CutMix needs image batches [B, C, H, W] (or [B, H, W])")
             lam = self._cutmix(x, lam, cut, partner)
         blend_lam = torch.where(cut, torch.ones_like(lam), lam).float()
+        # The draws were made on the host (lam, cut, partners: CPU tensors, so the
+        # tests on them never sync); they reach the device without a sync.
         if bool((blend_lam < 1).any()):
             if perm is None:
-                x = mixup_blend(x, blend_lam, None, inplace=True, backend=self.backend)
+                x = mixup_blend(x, _to_device(blend_lam, x.device), None, inplace=True, backend=self.backend)
             else:
-                x = mixup_blend(x, blend_lam, perm.to(x.device), backend=self.backend)
-        target = MixedTarget(y, y[partner.to(y.device)], lam.float().to(y.device), self.num_classes,
+                x = mixup_blend(x, _to_device(blend_lam, x.device), _to_device(perm, x.device), backend=self.backend)
+        target = MixedTarget(y, y[_to_device(partner, y.device)], _to_device(lam.float(), y.device), self.num_classes,
                              self.label_smoothing, self.smoothing_mode)
         return x, (target.dense() if self.target == "dense" else target)
 
@@ -345,7 +355,7 @@ class Mixup:
         if self.mode == "batch":
             y0, y1, x0, x1 = self._box(float(lam[0]), h, w)
             # Indexing the box by the partners copies it first: safe in place.
-            x[..., y0:y1, x0:x1] = x[..., y0:y1, x0:x1][partner.to(x.device)]
+            x[..., y0:y1, x0:x1] = x[..., y0:y1, x0:x1][_to_device(partner, x.device)]
             if self.correct_lam or self.cutmix_minmax is not None:
                 lam[cut] = 1.0 - (y1 - y0) * (x1 - x0) / float(h * w)
         else:

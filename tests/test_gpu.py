@@ -111,6 +111,74 @@ def test_gradscaler_amp_end_to_end(backend):
     assert max_err(list(model.parameters()), list(ref.parameters())) < 1e-4
 
 
+@pytest.mark.parametrize("fused", [None, True], ids=["scaler unscales", "fused unscale"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gradscaler_skips_an_overflow_on_cuda(backend, fused):
+    """NOTE [found_inf contract] on the device: an fp16 overflow changes nothing,
+    whether the scaler skips the call (default) or the kernel skips the step."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(32, 8).to(CUDA)
+    opt = fo.AdamW(model.parameters(), lr=1e-3, backend=backend, fused=fused)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**8)
+    x = torch.randn(16, 32, device=CUDA)
+    scaler.scale(model(x).square().mean()).backward()
+    scaler.step(opt)
+    scaler.update()
+    before = [p.detach().clone() for p in model.parameters()]
+    state = {k: v.clone() for k, v in opt.state[model.weight].items() if torch.is_tensor(v)}
+    opt.zero_grad()
+    scaler.scale(model(x).square().mean() * float("inf")).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert all(torch.equal(v, opt.state[model.weight][k]) for k, v in state.items())
+    assert scaler.get_scale() == 2.0**7
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_a_training_step_never_syncs(backend):
+    """Issue #23: mixup, forward, the factored soft-target CE, backward,
+    GradScaler (the fused unscale: the scaler's own skip reads found_inf on
+    the host) and the step run under set_sync_debug_mode("error"); so does a
+    step with a tensor lr on the host and the fused EMA without a scaler."""
+    from fasttricks.losses import soft_target_cross_entropy
+    from fasttricks.mixup import Mixup
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10)).to(CUDA)
+    opt = fo.AdamW(model.parameters(), lr=torch.tensor(1e-3), backend=backend, fused=True)
+    scaler = torch.amp.GradScaler("cuda")
+    mixer = Mixup(mixup_alpha=0.4, cutmix_alpha=1.0, num_classes=10, seed=0)
+    ema_params = make_params(GPU_SHAPES, torch.float32, device=CUDA)
+    ema_opt = fo.SGD(ema_params, lr=0.05, momentum=0.9, backend=backend)
+    EMA(ema_opt, decay=0.9)
+
+    def step():
+        x = torch.randn(16, 3, 8, 8, device=CUDA)
+        y = torch.randint(0, 10, (16,), device=CUDA)
+        x, target = mixer(x, y)
+        with torch.autocast("cuda", dtype=torch.float16):
+            logits = model(x)
+        loss = soft_target_cross_entropy(logits.float(), target)
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        for p in ema_params:
+            p.grad = torch.ones_like(p)
+        ema_opt.step()
+
+    for _ in range(3):  # plans, state, the scaler's scale and the kernels' first compiles
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_fused_ema_equals_averaged_model_on_cuda(backend):
     params = make_params(GPU_SHAPES, torch.float32, device=CUDA)
