@@ -62,3 +62,15 @@ def test_explain_counts_no_break_and_lr_changes_do_not_recompile(cls, kw):
         step()
         opt.param_groups[0]["lr"].mul_(0.5)
     assert len(counts) == 1
+
+
+def test_the_step_op_stays_out_of_cuda_graphs():
+    """Under torch.compile(mode="reduce-overhead") a captured graph replays
+    without running Python, and the op reads the lr from param_groups when it
+    runs: it carries the cudagraph_unsafe tag, so the compiler keeps it out of
+    the captured graphs and a changing lr is read at every step."""
+    import fasttricks.optim._compiled  # noqa: F401  (registers the op)
+
+    if not hasattr(torch.Tag, "cudagraph_unsafe"):
+        pytest.skip("this torch has no cudagraph_unsafe tag")
+    assert torch.Tag.cudagraph_unsafe in torch.ops.fasttricks.optimizer_step.default.tags

@@ -262,3 +262,24 @@ def test_stochastic_rounding_same_bits_as_the_cpu(backend, dtype, state_dtype):
     (p_ref, v_ref), (p_gpu, v_gpu) = runs
     assert all(torch.equal(a, b) for a, b in zip(p_gpu, p_ref))
     assert all(torch.equal(a, b) for a, b in zip(v_gpu, v_ref))
+
+
+@pytest.mark.skipif("triton" not in GPU_BACKENDS, reason="needs the triton backend")
+def test_stochastic_rounding_compiles_once_over_steps():
+    """round_key changes every step (a hash): it is not specialised, so the
+    steps after the first compile nothing new (a key of 1 or a multiple of
+    16 would have compiled a second variant at a random step)."""
+    from fasttricks.kernels.adam import adam_kernel
+
+    params = make_params(GPU_SHAPES, torch.bfloat16, device=CUDA)
+    opt = fo.AdamW(params, lr=1e-3, stochastic_rounding=True, backend="triton")
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    caches = getattr(adam_kernel, "device_caches", None)
+    if caches is None:
+        pytest.skip("this triton keeps no device_caches to count")
+    before = sum(len(entry[0]) for entry in caches.values())
+    for _ in range(40):
+        opt.step()
+    assert sum(len(entry[0]) for entry in caches.values()) == before

@@ -239,6 +239,23 @@ def test_device_plan_hands_the_launch_its_record_and_table():
     assert all(float(s) == 1.0 for s in steps)
 
 
+def test_a_failed_launch_gives_the_step_counts_back():
+    """Issue #23: the counts pack() bumps before the launch go back when the launch raises."""
+    params = [torch.randn(s).requires_grad_() for s in [(5000,), (3,)]]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    steps = [torch.full((), 4.0) for _ in params]
+    zeros = lambda: [torch.zeros_like(p) for p in params]  # noqa: E731
+
+    def failing_launch(tables, hyper, **kw):
+        raise RuntimeError("launch failed")
+
+    plan = DeviceAdamPlan(params, steps, zeros(), zeros(), None, None, False, True, failing_launch)
+    with pytest.raises(RuntimeError, match="launch failed"):
+        plan.step(AdamHyper(1e-3, 0.9, 0.999, 1e-8, 0.01), None, None, 0.0)
+    assert all(float(s) == 4.0 for s in steps)
+
+
 def test_device_table_refuses_float64_steps():
     if _backends.cpu_ext() is None:
         pytest.skip("CPU extension not built")

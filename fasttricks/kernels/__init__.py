@@ -1,7 +1,15 @@
 """Triton kernels (installed as fasttricks.kernels). Importing this imports
 triton; nothing is compiled or launched until a kernel is first used."""
+import contextlib
+
 import torch
 import triton.language as tl
+
+
+def device_guard(t: torch.Tensor):
+    """Launch on `t`'s GPU, whichever is current (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64,
              torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.uint8: tl.uint8}

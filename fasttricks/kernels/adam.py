@@ -26,9 +26,10 @@ STEP_ROW: tl.constexpr = tl.constexpr(ADAM_ROW["step"])
 KEY_ROW: tl.constexpr = tl.constexpr(ADAM_ROW["key"])
 
 
-# n_tensors is not specialised: Triton would compile a new variant whenever the
-# number of params with a grad became 1 or a multiple of 16.
-@triton.jit(do_not_specialize=["n_tensors"])
+# n_tensors and round_key are not specialised: Triton would compile a new
+# variant whenever the number of params with a grad, or the stochastic-rounding
+# key of a step (a hash, so at a random step), became 1 or a multiple of 16.
+@triton.jit(do_not_specialize=["n_tensors", "round_key"])
 def adam_kernel(ptrs_ptr, numels_ptr, chunk_tensor_ptr, chunk_start_ptr, n_tensors,
                 lr, lr_ptr, one_minus_beta1, one_minus_beta2, eps, weight_decay, grad_mul, grad_scale_ptr, found_inf_ptr,
                 avg_coef, round_key,

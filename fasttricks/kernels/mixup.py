@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fasttricks.kernels import TL_DTYPES
+from fasttricks.kernels import TL_DTYPES, device_guard
 from fasttricks.kernels._common import BLOCK
 
 CHUNK = 8192
@@ -63,9 +63,10 @@ def launch_mixup(x: torch.Tensor, out: torch.Tensor, lam: torch.Tensor, perm: to
     if programs == 0 or row_elems == 0:
         return
     grid = (programs, min(triton.cdiv(row_elems, CHUNK), MAX_GRID_Y))
-    mixup_kernel[grid](x, out, lam, perm if perm is not None else lam, rows, row_elems,
-                       DTYPE=TL_DTYPES[x.dtype], FLIP=flip, IS_UINT8=x.dtype == torch.uint8, CHUNK=CHUNK,
-                       BLOCK=BLOCK, **COMPILE_OPTIONS)
+    with device_guard(x):
+        mixup_kernel[grid](x, out, lam, perm if perm is not None else lam, rows, row_elems,
+                           DTYPE=TL_DTYPES[x.dtype], FLIP=flip, IS_UINT8=x.dtype == torch.uint8, CHUNK=CHUNK,
+                           BLOCK=BLOCK, **COMPILE_OPTIONS)
 
 
 def aot_variants():

@@ -19,7 +19,7 @@ FIRST_ROW: tl.constexpr = tl.constexpr(SGD_ROW["first"])
 KEY_ROW: tl.constexpr = tl.constexpr(SGD_ROW["key"])
 
 
-@triton.jit(do_not_specialize=["n_tensors"])  # see adam_kernel
+@triton.jit(do_not_specialize=["n_tensors", "round_key"])  # see adam_kernel
 def sgd_kernel(ptrs_ptr, numels_ptr, chunk_tensor_ptr, chunk_start_ptr, n_tensors,
                lr, lr_ptr, weight_decay, momentum, dampening, grad_mul, grad_scale_ptr, found_inf_ptr,
                avg_coef, round_key,

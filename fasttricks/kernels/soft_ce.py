@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fasttricks.kernels import SIG_DTYPES, TL_DTYPES
+from fasttricks.kernels import SIG_DTYPES, TL_DTYPES, device_guard
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -100,8 +100,9 @@ def forward(logits: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor, lam: tor
     loss = torch.empty(B, dtype=torch.float32, device=logits.device)
     lse = torch.empty(B, dtype=torch.float32, device=logits.device)
     if B:
-        soft_ce_forward_kernel[(B,)](logits, y_a, y_b, lam, loss, lse, C, logits.stride(0), float(on), float(off),
-                                     BLOCK_C=block_c(C))
+        with device_guard(logits):
+            soft_ce_forward_kernel[(B,)](logits, y_a, y_b, lam, loss, lse, C, logits.stride(0), float(on),
+                                         float(off), BLOCK_C=block_c(C))
     return loss, lse
 
 
@@ -111,8 +112,10 @@ def backward(logits: torch.Tensor, lse: torch.Tensor, y_a: torch.Tensor, y_b: to
     B, C = logits.shape
     grad = torch.empty((B, C), dtype=logits.dtype, device=logits.device)
     if B:
-        soft_ce_backward_kernel[(B,)](logits, lse, y_a, y_b, lam, grad_loss.contiguous(), grad, C, logits.stride(0),
-                                      float(on), float(off), OUT_DTYPE=TL_DTYPES[logits.dtype], BLOCK_C=block_c(C))
+        with device_guard(logits):
+            soft_ce_backward_kernel[(B,)](logits, lse, y_a, y_b, lam, grad_loss.contiguous(), grad, C,
+                                          logits.stride(0), float(on), float(off), OUT_DTYPE=TL_DTYPES[logits.dtype],
+                                          BLOCK_C=block_c(C))
     return grad
 
 

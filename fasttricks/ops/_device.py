@@ -113,10 +113,15 @@ class DevicePlan(PlanBase):
             return 0
         found_inf, grad_scale = self.on_device(found_inf), self.on_device(grad_scale)
         guard = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
-        with guard:
-            self.launch(tables, hyper, param_dtype=self.param_dtype, state_dtype=self.state_dtype,
-                        grad_scale=grad_scale, found_inf=found_inf, avg_coef=avg_coef,
-                        average=self.averages is not None and avg_coef != 0, device=self.device, **self.switches)
+        try:
+            with guard:
+                self.launch(tables, hyper, param_dtype=self.param_dtype, state_dtype=self.state_dtype,
+                            grad_scale=grad_scale, found_inf=found_inf, avg_coef=avg_coef,
+                            average=self.averages is not None and avg_coef != 0, device=self.device, **self.switches)
+        except BaseException:
+            if self.STEP_ROW:  # a launch that failed wrote nothing: the counts pack() bumped go back
+                self.unbump_steps(torch.ones((), dtype=torch.float32, device=self.device))
+            raise
         del keep  # the temporaries the kernel reads lived through its launch
         if found_inf is not None and self.STEP_ROW:
             self.unbump_steps(found_inf)

@@ -32,7 +32,13 @@ def register(optimizer) -> None:
     _OPTIMIZERS[key] = optimizer
 
 
-@torch.library.custom_op("fasttricks::optimizer_step", mutates_args=("params",))
+# The op reads the hyper-parameters from param_groups each time it runs, which
+# a CUDA-graph replay (torch.compile(mode="reduce-overhead")) would skip,
+# freezing a changing lr: the tag keeps the op out of captured graphs.
+_CUDAGRAPH_UNSAFE = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+
+
+@torch.library.custom_op("fasttricks::optimizer_step", mutates_args=("params",), tags=_CUDAGRAPH_UNSAFE)
 def optimizer_step(optimizer_key: int, params: list[torch.Tensor], grads: list[torch.Tensor],
                    grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
     optimizer = _OPTIMIZERS[optimizer_key]
