@@ -464,9 +464,17 @@ class FusedOptimizerMixin:
             if real_views:
                 bind_real_view_grads(real_views, type(self).__name__)
             if len(entries) > 1 or len(entries[0].buckets) > 1 or entries[0].sparse:
-                # A bad grad in a later plan must not leave the earlier ones stepped.
+                # A bad grad in a later plan must not leave the earlier ones
+                # stepped: every plan is checked before any steps, but the one
+                # that steps first (when no sparse params go before it), whose
+                # own step checks before it writes.
+                sparse = any(entry.sparse for entry in entries)
+                first = not sparse
                 for entry in entries:
                     for plan in entry.buckets:
+                        if first:
+                            first = False
+                            continue
                         plan.check()
                     if entry.sparse:
                         self._check_sparse(entry.sparse)
