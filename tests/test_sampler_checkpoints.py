@@ -133,3 +133,25 @@ def test_a_checkpoint_of_an_earlier_version_claimed_after_load_resaves_in_the_st
     assert all(torch.equal(a, b) for a, b in zip(pswa.averages, pswa_avg))
     new = opt.state_dict()
     assert "fasttricks_samplers" not in new and new["state"][0]["PSWA/step_in_epoch"] == 3
+
+
+def test_a_torch_adam_whose_first_param_has_no_grad_yet_keeps_its_own_init():
+    """A torch optimizer takes an empty state for 'not initialised' (Adam:
+    len(state) == 0): no entry of ours goes into the state of a param it has
+    not stepped, counters included; that param still initialises later."""
+    a, b = torch.randn(3, requires_grad=True), torch.randn(2, requires_grad=True)
+    opt = torch.optim.Adam([a, b], lr=0.1)
+    ema = EMA(opt, decay=0.5)
+    b.grad = torch.ones(2)
+    opt.step()
+    sd = opt.state_dict()
+    assert a not in opt.state or not opt.state[a]
+    assert sd["state"][1]["EMA/total_steps"] == 1 and "EMA/average" in sd["state"][1]
+    a.grad = torch.ones(3)
+    opt.step()  # torch initialises a's state now
+    assert {"step", "exp_avg", "exp_avg_sq"} <= set(opt.state[a]) and ema.total_steps == 2
+    params, opt2 = [a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()], None
+    opt2 = torch.optim.Adam(params, lr=0.1)
+    ema2 = EMA(opt2, decay=0.5)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert ema2.total_steps == 2 and all(torch.equal(x, y) for x, y in zip(ema.averages, ema2.averages))

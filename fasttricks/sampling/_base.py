@@ -185,8 +185,10 @@ class WeightSampler:
             self._count_sample()
             self._average_buffers(coef)
         anchor = self._anchor
-        if anchor is not None and self.optimizer.state.get(anchor[0], {}).get(self._average_key) is not anchor[1]:
-            self._publish(counters=False)  # first step, or the state was cleared or replaced
+        if anchor is not None:
+            own = self.optimizer.state.get(anchor[0])
+            if (own or {}).get(self._average_key) is not anchor[1] and self._publishes(anchor[0], own):
+                self._publish(counters=False)  # first step, or the state was cleared or replaced
         return sampled
 
     def _count_sample(self) -> None:
@@ -496,10 +498,13 @@ class WeightSampler:
     def _average_key(self) -> str:
         return f"{self.key}/average"
 
+    def _anchor_param(self):
+        return anchor_param(self.optimizer)
+
     @property
     def _anchor(self):
         """(anchor param, its average) or None."""
-        p = anchor_param(self.optimizer)
+        p = self._anchor_param()
         i = self._index.get(id(p)) if p is not None else None
         return None if i is None else (p, self.averages[i])
 
@@ -517,14 +522,21 @@ class WeightSampler:
         if self.total_steps == 0:
             return
         state, key = self.optimizer.state, self._average_key
-        writes = []
+        writes, anchor, holder = [], self._anchor_param(), None
         for p, avg in zip(self.params, self.averages):
             own = state.get(p)
-            if (own or {}).get(key) is not avg and self._publishes(p, own):
-                writes.append((p, key, avg))
-        anchor = self._anchor
-        if counters and anchor is not None:
-            p = anchor[0]
+            published = (own or {}).get(key) is avg
+            if published or self._publishes(p, own):
+                if not published:
+                    writes.append((p, key, avg))
+                # The counters go to the anchor, or (a torch optimizer that has
+                # no state for it yet, which an entry of ours would pass for
+                # initialised) to the first param that holds an average;
+                # loading finds them anywhere.
+                if holder is None or p is anchor:
+                    holder = p
+        if counters and holder is not None:
+            p = holder
             writes += [(p, f"{self.key}/{k}", int(getattr(self, k))) for k in self._COUNTERS]
             for k, v in self._extra_state().items():
                 if isinstance(v, dict):
