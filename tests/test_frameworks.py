@@ -256,3 +256,52 @@ def test_accelerate_save_and_load_state_carry_our_sampler(tmp_path):
     assert_params(resumed.parameters(), whole.parameters())
     assert ema2.total_steps == 4 and all(torch.equal(a, b) for a, b in zip(ema.averages, ema2.averages))
     assert copy.deepcopy(ema2.optimizer.state_dict())["state"][0]["EMA/total_steps"] == 4
+
+
+# ---- timm (where it installs: it imports torchvision, which CI cannot load beside the CPU torch) ----
+
+
+def test_timm_mixup_and_loss_equal_ours_with_the_draws_pinned(monkeypatch):
+    pytest.importorskip("timm")
+    from timm.data import Mixup as TimmMixup
+    from timm.loss import SoftTargetCrossEntropy
+
+    from fasttricks.mixup import Mixup
+
+    lam = 0.3
+    monkeypatch.setattr(TimmMixup, "_params_per_batch", lambda self: (lam, False))
+    monkeypatch.setattr(Mixup, "_draw", lambda self, n: (torch.full((n,), lam, dtype=torch.float64),
+                                                          torch.zeros(n, dtype=torch.bool)))
+    kw = dict(mixup_alpha=0.8, label_smoothing=0.1, num_classes=10)
+    x, y = torch.randn(8, 3, 4, 4), torch.randint(0, 10, (8,))
+    x_timm, t_timm = TimmMixup(**kw)(x.clone(), y)
+    x_ours, t_ours = Mixup(**kw)(x.clone(), y)
+    torch.testing.assert_close(x_ours, x_timm)
+    torch.testing.assert_close(t_ours.dense(), t_timm)
+    logits = torch.randn(8, 10)
+    torch.testing.assert_close(SoftTargetCrossEntropy()(logits, t_ours), SoftTargetCrossEntropy()(logits, t_timm))
+
+
+def test_timm_scheduler_and_model_ema_with_our_optimizer():
+    pytest.importorskip("timm")
+    from timm.scheduler import CosineLRScheduler
+    from timm.utils import ModelEmaV3
+
+    runs = {}
+    for name, cls in (("ours", fo.AdamW), ("torch", torch.optim.AdamW)):
+        model = net()
+        opt = cls(model.parameters(), lr=1e-2)
+        sched = CosineLRScheduler(opt, t_initial=6, warmup_t=2, warmup_lr_init=1e-4)
+        ema = ModelEmaV3(model, decay=0.9)
+        x, y = data(16).tensors
+        lrs = []
+        for epoch in range(6):
+            sched.step(epoch)
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            ema.update(model)
+        runs[name] = (lrs, list(ema.module.parameters()))
+    assert runs["ours"][0] == runs["torch"][0]
+    assert_params(runs["ours"][1], runs["torch"][1], exact=False)
