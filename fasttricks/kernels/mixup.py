@@ -41,8 +41,11 @@ def mixup_kernel(x_ptr, out_ptr, lam_ptr, perm_ptr, n_rows, row_elems,
     lam_j = tl.load(lam_ptr + j)
     # The grid's second axis is capped at 65535: its programs stride over the
     # chunks of a long row.
+    # NOTE [runtime loop bounds] (fasttricks/kernels/soft_ce.py): a while loop.
     first, stride = tl.program_id(1), tl.num_programs(1)
-    for k in tl.range(0, tl.cdiv(tl.cdiv(row_elems, CHUNK) - first, stride)):
+    n_chunks = tl.cdiv(tl.cdiv(row_elems, CHUNK) - first, stride)
+    k = tl.zeros((), tl.int64)
+    while k < n_chunks:
         start = (first + k * stride).to(tl.int64) * CHUNK
         for off in tl.range(0, CHUNK, BLOCK):
             offs = start + off + tl.arange(0, BLOCK)
@@ -52,6 +55,7 @@ def mixup_kernel(x_ptr, out_ptr, lam_ptr, perm_ptr, n_rows, row_elems,
             tl.store(out_ptr + i * row_elems + offs, _blend(a, b, lam_i, IS_UINT8).to(DTYPE), mask=mask)
             if FLIP:
                 tl.store(out_ptr + j * row_elems + offs, _blend(b, a, lam_j, IS_UINT8).to(DTYPE), mask=mask)
+        k += 1
 
 
 def launch_mixup(x: torch.Tensor, out: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor | None) -> None:
