@@ -102,6 +102,18 @@ def write_state(optimizer, writes) -> None:
             optimizer.state[p][key] = value
 
 
+def drop_extras(optimizer, owners) -> None:
+    """Remove from optimizer.state the extras of `owners` (sampler keys):
+    every entry named "<owner>/..."."""
+    prefixes = tuple(f"{k}/" for k in owners)
+    if not prefixes:
+        return
+    for state in list(optimizer.state.values()):
+        if isinstance(state, dict):
+            for k in [k for k in state if isinstance(k, str) and k.startswith(prefixes)]:
+                del state[k]
+
+
 class FusedOptimizerMixin:
     """Mixed in before a torch.optim class; subclasses define `_family_flags`,
     `_needs_state`, `_init_state`, `_build_plan`, `_hyper` and may extend
@@ -215,7 +227,6 @@ class FusedOptimizerMixin:
             self._take_options(group)  # an older checkpoint may have saved some
             self._ft_options[id(group)] = (group, options)  # the constructor's settings
         saved_ids = list(itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
-        params = [p for g in self.param_groups for p in g["params"]]
         saved_states = [state_dict["state"].get(pid) for pid in saved_ids]
         # NOTE [stochastic rounding]: the counters, on the anchor (or, older, beside the state).
         rounding = state_dict.get(LEGACY_ROUNDING_STATE_KEY)
@@ -237,27 +248,24 @@ class FusedOptimizerMixin:
         # fp32 (and so are the averages of 16-bit params with master weights or
         # stochastic rounding), so take those tensors again from the checkpoint
         # at full precision. The claimed samplers' averages are their own again.
-        for p, saved in zip(params, saved_states):
-            if not saved:
-                continue
-            options = self._options_of(p)
-            want = state_dtype(options, p.dtype)
-            for k, v in saved.items():
-                if k == "step" or not torch.is_tensor(v) or not v.is_floating_point():
-                    continue
-                if is_extra_key(k):
-                    if k.split("/", 1)[0] in pending:
-                        self.state[p][k] = v.to(device=p.device, copy=True)
-                elif want != p.dtype or uses_master(options, p.dtype):
-                    self.state[p][k] = v.to(device=p.device, dtype=torch.float32 if k == "master_param" else want,
-                                            copy=True)
-        self._ft_cache.clear()
-
-    def _options_of(self, p) -> dict:
+        saved_of = iter(saved_states)
         for group in self.param_groups:
-            if any(q is p for q in group["params"]):
-                return self.group_options(group)
-        return self._ft_defaults
+            options = self.group_options(group)
+            for p in group["params"]:
+                saved = next(saved_of, None)
+                if not saved:
+                    continue
+                want = state_dtype(options, p.dtype)
+                for k, v in saved.items():
+                    if k == "step" or not torch.is_tensor(v) or not v.is_floating_point():
+                        continue
+                    if is_extra_key(k):
+                        if k.split("/", 1)[0] in pending:
+                            self.state[p][k] = v.to(device=p.device, copy=True)
+                    elif want != p.dtype or uses_master(options, p.dtype):
+                        self.state[p][k] = v.to(device=p.device, copy=True,
+                                                dtype=torch.float32 if k == "master_param" else want)
+        self._ft_cache.clear()
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -299,12 +307,7 @@ class FusedOptimizerMixin:
         sampler claimed (NOTE [sampler checkpoints]); returns their keys."""
         keys = sorted(self.__dict__.get("_ft_pending_samplers") or ())
         self._ft_pending_samplers = {}
-        prefixes = tuple(f"{k}/" for k in keys)
-        if prefixes:
-            for p, state in list(self.state.items()):
-                if isinstance(state, dict):
-                    for k in [k for k in state if isinstance(k, str) and k.startswith(prefixes)]:
-                        del state[k]
+        drop_extras(self, keys)
         return keys
 
     # ---- fused weight averaging (NOTE [fused weight averaging]) ------------

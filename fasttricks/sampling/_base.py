@@ -40,7 +40,7 @@ import torch
 from fasttricks._checks import check_int
 from fasttricks.ops._plan import found_inf_set
 from fasttricks.ops.average import average_reference_
-from fasttricks.optim._fused import LEGACY_SAMPLER_STATE_KEY, anchor_param, write_state
+from fasttricks.optim._fused import LEGACY_SAMPLER_STATE_KEY, anchor_param, drop_extras, write_state
 from fasttricks.optim._plan_cache import average_dtype, own_state_empty
 
 
@@ -442,7 +442,7 @@ class WeightSampler:
         samplers = _samplers_of(self.optimizer)
         if self in samplers:
             samplers.remove(self)
-        self._unpublish()
+        drop_extras(self.optimizer, [self.key])
 
     def state_dict(self) -> dict:
         state = {"method": type(self).__name__, "averages": list(self.averages)}
@@ -545,13 +545,6 @@ class WeightSampler:
                     writes.append((p, f"{self.key}/{k}", v))
             writes += [(p, f"{self.key}/buffer/{n}", b) for n, b in zip(self.buffer_names, self.buffer_averages)]
         write_state(self.optimizer, writes)
-
-    def _unpublish(self) -> None:
-        prefix = f"{self.key}/"
-        for state in list(self.optimizer.state.values()):
-            if isinstance(state, dict):
-                for k in [k for k in state if isinstance(k, str) and k.startswith(prefix)]:
-                    del state[k]
 
     def _state_from_entries(self, state_of) -> dict | None:
         """This sampler's state (as state_dict() gives it) rebuilt from
