@@ -157,9 +157,9 @@ class MixedTarget:
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A tensor drawn on the host, on `device` without a host sync: through
     pinned memory and a non-blocking copy (the draws of every batch)."""
-    if t.device == device:
-        return t
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device, non_blocking=True)  # itself when already there
 
 
 def _check_labels(y: torch.Tensor, num_classes: int, batch: int) -> None:

@@ -10,6 +10,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import fasttricks
+from fasttricks.ops.host_flag import DeferredFlag
 from fasttricks.sampling import EMA, PSWA, PSWM, PWALKS, SWA, BachBatch, BachEpoch
 from helpers import BACKENDS, make_params
 
@@ -254,7 +255,15 @@ def test_any_torch_optimizer_via_post_hook():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("path", PATHS)
-def test_found_inf_step_samples_nothing(backend, path):
+@pytest.mark.parametrize("deferred", [False, True], ids=["host", "deferred"])
+def test_found_inf_step_samples_nothing(backend, path, deferred, monkeypatch):
+    """`deferred` plays a GPU: found_inf's host copy is not ready when the step
+    ends, so the step itself must not read it (NOTE [deferred found_inf])."""
+    reads = []
+    if deferred:
+        monkeypatch.setattr(DeferredFlag, "ready", lambda self: False)
+        is_set = DeferredFlag.is_set
+        monkeypatch.setattr(DeferredFlag, "is_set", lambda self: reads.append(1) or is_set(self))
     params, opt, s = make_run(backend, path, sampler_factory(PSWA, steps_per_epoch=B, alpha=1.0))
     train_epochs(params, opt, s, 0)
     grads = grad_stream(SMALL)
@@ -268,7 +277,9 @@ def test_found_inf_step_samples_nothing(backend, path):
     opt.grad_scale = torch.ones(())
     opt.step()
     del opt.found_inf, opt.grad_scale
+    assert not reads  # read when the count is next needed, not by the step
     assert (s.step_in_epoch, s.samples) == (3, 2)  # the batch is counted, the sample is not
+    assert len(reads) == deferred
     for a, b in zip(params + s.averages, live + avgs):
         assert torch.equal(a, b)
     for p, g in zip(params, next(grads)):

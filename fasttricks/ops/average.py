@@ -17,9 +17,13 @@ __all__ = ["average_reference_"]
 
 
 @torch.no_grad()
-def average_reference_(averages: list[torch.Tensor], weights: list[torch.Tensor], coef: float) -> None:
+def average_reference_(averages: list[torch.Tensor], weights: list[torch.Tensor], coef: float,
+                       skip: torch.Tensor | None = None) -> None:
     """In place over lists: averages[i] <- lerp(averages[i], weights[i], coef).
-    Pairs must share dtype and device; weights in another dtype are cast first."""
+    Pairs must share dtype and device; weights in another dtype are cast first.
+    `skip` (a GradScaler's found_inf) leaves every average as it is where it
+    is non-zero; it is read on the device (NOTE [deferred found_inf] in
+    fasttricks/ops/host_flag.py)."""
     if coef == 0 or not averages:
         return
     if not 0.0 < coef <= 1.0:
@@ -27,4 +31,13 @@ def average_reference_(averages: list[torch.Tensor], weights: list[torch.Tensor]
     if len(averages) != len(weights):
         raise ValueError("average_reference_: one weight per average")
     weights = [w if w.dtype == a.dtype else w.to(a.dtype) for a, w in zip(averages, weights)]
-    torch._foreach_lerp_(averages, weights, float(coef))
+    if skip is None:
+        torch._foreach_lerp_(averages, weights, float(coef))
+        return
+    # Selecting afterwards keeps the lerp's rounding exactly that of the unskipped update.
+    moved = torch._foreach_lerp(averages, weights, float(coef))
+    skipped = {}
+    for a, m in zip(averages, moved):
+        if a.device not in skipped:
+            skipped[a.device] = skip.to(a.device, non_blocking=True) != 0
+        a.copy_(torch.where(skipped[a.device], a, m))

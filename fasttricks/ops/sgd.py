@@ -27,6 +27,7 @@ from fasttricks._table import SGD_ROWS, grad_multiplier, scalar_arg
 from fasttricks.ops._device import DevicePlan
 from fasttricks.ops._plan import (PlanBase, found_inf_set, inv_grad_scale, local_shards,
                                   opmath_dtype)
+from fasttricks.ops.host_flag import DeferredFlag
 from fasttricks.ops.rounding import HIGH_BITS, LOW_BITS, StepBits, tensor_key
 
 __all__ = ["SgdHyper", "sgd_reference_", "make_sgd_plan"]
@@ -107,6 +108,9 @@ class ReferenceSgdPlan(PlanBase):
                 self.first_step[i] = False
         return len(index)
 
+    def first_step_settled(self) -> bool:
+        return True
+
     def first_step_flags(self):
         return list(self.first_step or [])
 
@@ -126,15 +130,33 @@ class DeviceSgdPlan(DevicePlan):
     def step(self, hyper: SgdHyper, grad_scale, found_inf, avg_coef) -> int:
         if self.momentum != (hyper.momentum != 0):
             raise RuntimeError("SGD plan: momentum switched on or off after the plan was built")
+        self._settle_first_step(wait=True)
         return super().step(hyper, grad_scale, found_inf, avg_coef)
 
     def after_step(self, found_inf) -> None:
-        # A skipped step leaves fresh buffers fresh; checking costs one sync,
-        # paid only on the steps that still have fresh buffers.
-        if self.momentum and self.any_gathered_flag("first") and (found_inf is None or float(found_inf) == 0):
+        # A skipped step leaves fresh buffers fresh. The flags of the stepped
+        # params are cleared at once; a device found_inf is read on the next
+        # step and puts them back if it was set (NOTE [deferred found_inf]).
+        if self.momentum and self.any_gathered_flag("first"):
+            before = None if found_inf is None else self.flags("first")
             self.clear_gathered_flags("first")
+            if before is not None:
+                self._first_step_undo = (DeferredFlag(found_inf), before)
+                self._settle_first_step(wait=False)
+
+    def first_step_settled(self) -> bool:
+        self._settle_first_step(wait=False)
+        return "_first_step_undo" not in self.__dict__
+
+    def _settle_first_step(self, wait: bool) -> None:
+        undo = self.__dict__.get("_first_step_undo")
+        if undo is not None and (wait or undo[0].ready()):
+            del self._first_step_undo
+            if undo[0].is_set():
+                self.set_flags("first", undo[1])
 
     def first_step_flags(self):
+        self._settle_first_step(wait=True)
         return [bool(f) for f in self.flags("first")] if self.momentum else []
 
 

@@ -71,10 +71,7 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
         plan._ft_pending = pending  # buffers that enter the state on their first committed step
         return plan
 
-    # NOTE [sparse grads] (fasttricks/optim/_fused.py): torch's SGD takes sparse
-    # gradients (nn.Embedding(sparse=True)); params that have one are stepped
-    # here, with torch's single-tensor formulas in torch ops, and the dense
-    # params of the group still take the fused step.
+    # NOTE [sparse grads] (fasttricks/optim/_fused.py): SGD steps sparse grads.
     _sparse_grads_ok = True
 
     def _check_sparse(self, params) -> None:
@@ -122,13 +119,36 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
                         bool(group["maximize"]), self.grad_multiplier, self._ft_round_key)
 
     def _step_plan(self, plan, hyper, grad_scale, found_inf, avg_coef):
+        self._commit_buffers(plan, wait=True)  # a previous step's device found_inf is read by now
         n = super()._step_plan(plan, hyper, grad_scale, found_inf, avg_coef)
-        pending = plan._ft_pending
-        if pending and n > 0:
+        if n > 0:
+            self._commit_buffers(plan, wait=False)
+        return n
+
+    def _commit_buffers(self, plan, wait: bool) -> None:
+        """New momentum buffers enter the state once a step that started them is
+        known not to be skipped (NOTE [deferred found_inf])."""
+        pending = getattr(plan, "_ft_pending", None)
+        settled = getattr(plan, "first_step_settled", None)  # the CPU plans read found_inf in the step
+        if pending and (wait or settled is None or settled()):
             flags = plan.first_step_flags()
             done = [i for i in pending if not flags[i]]
             self._ft_cache.write_state(self, [(pending[i][0], "momentum_buffer", pending.pop(i)[1]) for i in done])
-        return n
+
+    def _commit_all_buffers(self, entries) -> None:
+        for entry in entries:
+            for plan in entry.buckets:
+                self._commit_buffers(plan, wait=True)
+
+    def _build_group(self, group, flags):
+        old = self._ft_cache.groups.get(id(group))
+        if old is not None:  # rebuilt (param_groups edited): keep what its first steps started
+            self._commit_all_buffers([old])
+        return super()._build_group(group, flags)
+
+    def state_dict(self):
+        self._commit_all_buffers(list(self._ft_cache.groups.values()))
+        return super().state_dict()
 
 
 class SGDW(SGD):

@@ -16,9 +16,11 @@ call of the optimizer's step. Under a GradScaler an overflowing step adds no
 sample: by default the scaler does not call `step()` at all (so the skipped
 batch is not counted either); with the fused unscale (`fused=True`) the step
 runs with found_inf set, counts, and samples nothing (NOTE [found_inf
-contract]). Finding out whether a sampling step was skipped then reads
-`found_inf` on the host, so a sampling step synchronises once; non-sampling
-steps never do.
+contract]). Whether a sampling step was skipped is then read from a
+non-blocking host copy of `found_inf` when the sample counts are next
+needed, without a stream sync (NOTE [deferred found_inf] in
+fasttricks/ops/host_flag.py); until then the averaged buffers take a
+coefficient masked on the device.
 
 The averages, counters and averaged buffers are optimizer state (NOTE
 [state-resident extras] in fasttricks/optim/_fused.py): whatever saves the
@@ -38,10 +40,26 @@ import warnings
 import torch
 
 from fasttricks._checks import check_int
-from fasttricks.ops._plan import found_inf_set
 from fasttricks.ops.average import average_reference_
+from fasttricks.ops.host_flag import DeferredFlag
 from fasttricks.optim._fused import LEGACY_SAMPLER_STATE_KEY, anchor_param, drop_extras, write_state
 from fasttricks.optim._plan_cache import average_dtype, own_state_empty
+
+
+def _sample_counter(name: str) -> property:
+    """A sample count that first takes in a sample whose found_inf was not
+    yet read (NOTE [deferred found_inf])."""
+    slot = "_" + name
+
+    def get(self) -> int:
+        self._settle()
+        return self.__dict__[slot]
+
+    def set(self, value: int) -> None:
+        self._settle()
+        self.__dict__[slot] = value
+
+    return property(get, set)
 
 
 def _check_fraction(name: str, value, *, low_open: bool = True) -> float:
@@ -60,6 +78,10 @@ class WeightSampler:
 
     #: counters saved by state_dict(), in addition to the averages
     _COUNTERS = ("step_in_epoch", "samples", "epoch_samples", "total_samples", "total_steps", "epoch")
+
+    samples = _sample_counter("samples")              # j: samples in the current averaging window
+    epoch_samples = _sample_counter("epoch_samples")  # samples taken in this epoch
+    total_samples = _sample_counter("total_samples")  # samples since the sampler was created
 
     #: whether the method needs steps_per_epoch (its schedule is per epoch)
     _NEEDS_STEPS_PER_EPOCH = True
@@ -91,10 +113,9 @@ class WeightSampler:
         with torch.no_grad():
             self.buffer_averages = [b.detach().clone() for _, b in model.named_buffers()] if model is not None else []
         self._warned: set[str] = set()
+        self._unsettled: DeferredFlag | None = None  # found_inf of a sample not yet counted
         self.step_in_epoch = 0   # i: optimizer steps in this epoch
-        self.samples = 0         # j: samples in the current averaging window
-        self.epoch_samples = 0   # samples taken in this epoch
-        self.total_samples = 0   # samples since the sampler was created
+        self.samples = self.epoch_samples = self.total_samples = 0
         self.total_steps = 0
         self.epoch = 0
         self._handles = []
@@ -177,54 +198,69 @@ class WeightSampler:
         self.step_in_epoch -= 1
         self.total_steps -= 1
 
-    def end_step(self, coef: float, found_inf) -> bool:
-        """Count the step's sample unless found_inf skipped it (read only on
-        sampling steps); returns whether a sample was taken."""
-        sampled = coef != 0.0 and not found_inf_set(found_inf)
-        if sampled:
-            self._count_sample()
-            self._average_buffers(coef)
+    def end_step(self, coef: float, found_inf) -> None:
+        """After the step's kernels are queued: count its sample unless found_inf
+        skipped it; a device found_inf is read later (NOTE [deferred found_inf])."""
+        if coef != 0.0:
+            if found_inf is None:
+                self._count_sample()
+            else:
+                self._settle()
+                self._unsettled = DeferredFlag(found_inf)
+                if self._unsettled.ready():  # host memory: no reason to wait
+                    self._settle()
+            self._average_buffers(coef, found_inf)
         anchor = self._anchor
         if anchor is not None:
             own = self.optimizer.state.get(anchor[0])
             if (own or {}).get(self._average_key) is not anchor[1] and self._publishes(anchor[0], own):
                 self._publish(counters=False)  # first step, or the state was cleared or replaced
-        return sampled
+
+    def _settle(self) -> None:
+        """Count the last sample if its step was not skipped."""
+        unsettled = self.__dict__.get("_unsettled")
+        if unsettled is not None:
+            self._unsettled = None
+            if not unsettled.is_set():
+                self._count_sample()
 
     def _count_sample(self) -> None:
-        self.samples += 1
-        self.epoch_samples += 1
-        self.total_samples += 1
+        for slot in ("_samples", "_epoch_samples", "_total_samples"):
+            self.__dict__[slot] += 1
 
     def sample_after_step(self) -> None:
         """Post-hook path: count the step and lerp toward the updated weights."""
         coef = self.begin_step()
-        if self.end_step(coef, getattr(self.optimizer, "found_inf", None)):
-            self._lerp_now(coef, only_with_grad=True)
+        found_inf = getattr(self.optimizer, "found_inf", None)
+        if coef != 0.0:
+            self._lerp_now(coef, only_with_grad=True, found_inf=found_inf)
+        self.end_step(coef, found_inf)
 
-    def _lerp_now(self, coef: float, only_with_grad: bool) -> None:
+    def _lerp_now(self, coef: float, only_with_grad: bool, found_inf=None) -> None:
         # Like the fused kernels, the post-hook skips params the step skipped.
         avgs, weights = [], []
         for p, avg in zip(self.params, self.averages):
             if p.grad is not None or not only_with_grad:
                 avgs.append(avg)
                 weights.append(self._weight(p, avg))
-        average_reference_(avgs, weights, coef)
+        average_reference_(avgs, weights, coef, skip=found_inf)
 
+    # NOTE [averaged buffers]
+    # With model=, a sampler averages the model's buffers too: floating-point
+    # buffers take the params' coefficient (as AveragedModel(use_buffers=True));
+    # the others (BN's num_batches_tracked) are copied, as timm's ModelEmaV3
+    # does. Nothing changes where found_inf is set.
     @torch.no_grad()
-    def _average_buffers(self, coef: float) -> None:
-        """NOTE [averaged buffers]: floating-point buffers take the params'
-        coefficient (as AveragedModel(use_buffers=True)); the others (BN's
-        num_batches_tracked) are copied, as timm's ModelEmaV3 does."""
+    def _average_buffers(self, coef: float, found_inf=None) -> None:
         if not self.buffer_averages:
             return
         live = self._live_buffers()
         floats = [(a, b) for a, b in zip(self.buffer_averages, live) if a.is_floating_point()]
         if floats:
-            average_reference_([a for a, _ in floats], [b for _, b in floats], coef)
+            average_reference_([a for a, _ in floats], [b for _, b in floats], coef, skip=found_inf)
         for a, b in zip(self.buffer_averages, live):
             if not a.is_floating_point():
-                a.copy_(b)
+                a.copy_(b if found_inf is None else torch.where(found_inf.to(a.device) != 0, a, b))
 
     def _live_buffers(self) -> list[torch.Tensor]:
         buffers = dict(self.model.named_buffers())
