@@ -1,7 +1,7 @@
 """What the device plans (fasttricks/ops) and the kernels (fasttricks/kernels/, the CUDA
 extension) agree on. NOTE [pointer table] (csrc/include/fasttricks/table.h):
 the row layout of the pointer tables, for Python and Triton; the C++/CUDA
-copy is that header, and tests/test_table.py holds them equal. A leaf
+copy is that header, and tests/test_plan_cache.py holds them equal. A leaf
 module: the Triton kernels import it, and it imports nothing of fasttricks."""
 import torch
 

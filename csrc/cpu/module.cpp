@@ -77,7 +77,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   );
 
-  // NOTE [pointer table]: the C++ row numbers, for tests/test_table.py.
+  // NOTE [pointer table]: the C++ row numbers, for tests/test_plan_cache.py.
   {
     namespace A = fasttricks::table::adam;
     namespace S = fasttricks::table::sgd;

@@ -1,4 +1,5 @@
-"""NOTE [compiled step]: `opt.step()` inside a torch.compile'd function.
+"""NOTE [compiled step]
+`opt.step()` inside a torch.compile'd function.
 
 Dynamo can trace the optimizer's Python but not a call into a plan's C++ or
 Triton kernel, nor the building of a plan, which would break the graph. So

@@ -519,7 +519,12 @@ class FusedOptimizerMixin:
         if sampler is not None:
             sampler.end_step(avg_coef, found_inf)
 
-    #: NOTE [sparse grads]: the family steps sparse grads outside the fused plans
+    # NOTE [sparse grads]
+    # torch's SGD takes sparse gradients (nn.Embedding(sparse=True)). A family
+    # that does sets _sparse_grads_ok: params with a sparse grad are stepped
+    # outside the fused plans (_step_sparse), with torch's single-tensor
+    # formulas in torch ops, and the dense params of the group still take the
+    # fused step.
     _sparse_grads_ok = False
 
     def _check_sparse(self, params) -> None:

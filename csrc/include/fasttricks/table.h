@@ -5,7 +5,7 @@
 // integer; then numels[t]; then one program / block per chunk of kChunk
 // elements (chunk_tensor[c], chunk_start[c]). The row numbers are defined
 // here for C++ and CUDA and in fasttricks/_table.py for Python and Triton;
-// tests/test_table.py holds the two (and the CPU module's copy) equal.
+// tests/test_plan_cache.py holds the two (and the CPU module's copy) equal.
 // No torch headers: the .cu files include this.
 #pragma once
 #include <cstdint>

@@ -1,0 +1,73 @@
+"""Comments that cannot drift: every NOTE is defined once and every cited one
+exists, and every file a comment names is in the repository.
+
+A NOTE is defined by a line that holds only `NOTE [name]` (after the
+comment marker or the docstring quotes), followed by its text; any other
+`NOTE [name]` is a citation. A cited file is a path with a directory and an
+extension (`fasttricks/ops/rounding.py`, `csrc/cpu/plans.h`); it is looked
+up from the repository root, from `fasttricks/` (the package's own
+relative names) and from `csrc/include/` (the C++ include paths).
+"""
+from __future__ import annotations
+
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SOURCES = [p for pattern in ("fasttricks/**/*.py", "csrc/**/*.h", "csrc/**/*.cpp", "csrc/**/*.cu", "csrc/**/*.cuh",
+                             "tests/*.py", "bench/*.py", "docs/*.md", "README.md", "setup.py")
+           for p in sorted(ROOT.glob(pattern))]
+NOTE = re.compile(r"NOTE \[([^\]]+)\]")
+DEFINITION = re.compile(r'^\s*(?:#|//|"""|/\*)?\s*NOTE \[([^\]]+)\]\s*$')
+# Our own top-level folders, and the package's and csrc/include's relative names;
+# not #include lines, torch's files or the demo's output.
+OURS = ("fasttricks", "csrc", "tests", "bench", "docs", "ops", "optim", "sampling", "kernels", "models", "cpu", "cuda")
+CITED_FILE = re.compile(r"(?<![\w/.])((?:%s)/(?:[\w.-]+/)*[\w.-]+\.(?:py|h|cpp|cu|cuh|md|toml|json))\b" % "|".join(OURS))
+LOOKUP = (ROOT, ROOT / "fasttricks", ROOT / "csrc" / "include")
+
+
+def _scan():
+    defined, cited, files = {}, {}, []
+    for path in SOURCES:
+        if path.name == "test_notes.py":
+            continue
+        rel = path.relative_to(ROOT)
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            where = f"{rel}:{n}"
+            match = DEFINITION.match(line)
+            if match:
+                defined.setdefault(match.group(1), []).append(where)
+                continue
+            for name in NOTE.findall(line):
+                cited.setdefault(name, []).append(where)
+            if not line.lstrip().startswith("#include"):
+                files += [(f, where) for f in CITED_FILE.findall(line)]
+    return defined, cited, files
+
+
+def test_each_note_is_defined_once():
+    defined, _, _ = _scan()
+    twice = {name: wheres for name, wheres in defined.items() if len(wheres) > 1}
+    assert not twice, f"NOTEs defined more than once: {twice}"
+
+
+def test_each_cited_note_is_defined():
+    defined, cited, _ = _scan()
+    missing = {name: wheres for name, wheres in cited.items() if name not in defined}
+    assert not missing, f"NOTEs cited but never defined: {missing}"
+
+
+def test_each_cited_file_exists():
+    _, _, files = _scan()
+    missing = [(f, where) for f, where in files
+               if not any((base / f).exists() for base in LOOKUP) and not f.startswith(("bench/results/", "http"))]
+    assert not missing, f"comments name files that do not exist: {missing}"
+
+
+def test_the_scanner_tells_definitions_from_citations():
+    assert DEFINITION.match("// NOTE [tensor table]") and DEFINITION.match('"""NOTE [compiled step]')
+    assert DEFINITION.match("NOTE [plan cache]") and DEFINITION.match("# NOTE [DTensor shards]")
+    assert not DEFINITION.match("# NOTE [sparse grads]: the family steps") and not DEFINITION.match(
+        "    (NOTE [plan cache] in fasttricks/optim/_plan_cache.py)")
+    assert CITED_FILE.findall("see csrc/cpu/plans.h and fasttricks/ops/rounding.py.") == \
+        ["csrc/cpu/plans.h", "fasttricks/ops/rounding.py"]
