@@ -2,7 +2,8 @@
 exists, and every file a comment names is in the repository.
 
 A NOTE is defined by a line that holds only `NOTE [name]` (after the
-comment marker or the docstring quotes), followed by its text; any other
+comment marker, the docstring quotes or a markdown heading's hashes),
+followed by its text; any other
 `NOTE [name]` is a citation. A cited file is a path with a directory and an
 extension (`fasttricks/ops/rounding.py`, `csrc/cpu/plans.h`); it is looked
 up from the repository root, from `fasttricks/` (the package's own
@@ -22,7 +23,7 @@ SOURCES = [p for pattern in ("fasttricks/**/*.py", "csrc/**/*.h", "csrc/**/*.cpp
                              "tests/*.py", "bench/*.py", "docs/*.md", "README.md", "setup.py")
            for p in sorted(ROOT.glob(pattern))]
 NOTE = re.compile(r"NOTE \[([^\]]+)\]")
-DEFINITION = re.compile(r'^\s*(?:#|//|"""|/\*)?\s*NOTE \[([^\]]+)\]\s*$')
+DEFINITION = re.compile(r'^\s*(?:#+|//|"""|/\*)?\s*NOTE \[([^\]]+)\]\s*$')
 # Our own top-level folders, and the package's and csrc/include's relative names;
 # not #include lines, torch's files or the demo's output.
 OURS = ("fasttricks", "csrc", "tests", "bench", "docs", "ops", "optim", "sampling", "kernels", "models", "cpu", "cuda")
@@ -71,6 +72,7 @@ def test_each_cited_file_exists():
 def test_the_scanner_tells_definitions_from_citations():
     assert DEFINITION.match("// NOTE [tensor table]") and DEFINITION.match('"""NOTE [compiled step]')
     assert DEFINITION.match("NOTE [plan cache]") and DEFINITION.match("# NOTE [DTensor shards]")
+    assert DEFINITION.match("## NOTE [pointer table]")
     assert not DEFINITION.match("# NOTE [sparse grads]: the family steps") and not DEFINITION.match(
         "    (NOTE [plan cache] in fasttricks/optim/_plan_cache.py)")
     assert CITED_FILE.findall("see csrc/cpu/plans.h and fasttricks/ops/rounding.py.") == \

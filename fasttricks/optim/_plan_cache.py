@@ -16,12 +16,21 @@ through a container the optimizer controls and that counts its changes
 * the group's switches (backend, master weights, amsgrad, momentum on/off,
   ...) are compared each step;
 * params that had no grad (and so no state) when the plans were built are
-  watched for one; DTensor params for a replaced local shard.
+  watched for one; DTensor params for a replaced local shard;
+* a group with `differentiable=True` or meta params gets no plans: its step
+  is torch's own.
 
 The check costs O(groups) per step plus the params still without grad, never
 a walk over every tensor. What a plan can verify itself at step time -- a
 param's grad, dtype, shape and layout (`p.data` swapped) -- it checks in its
 gather (csrc/cpu/plans.h, fasttricks/ops/_plan.py) before writing anything.
+Of each state tensor it checks that it still holds the storage recorded for
+it, and that storage the same memory: `state_tensor.data = t` (the usual way
+of moving optimizer state between devices), `set_`, a reallocating `resize_`
+or a storage freed and reallocated in place keep the tensor object. Such a
+param then takes the full check, which reads its state afresh, and a pointer
+the plan cached is never written once its memory may be gone. The plan does
+not hold the old storages: state moved off a device is freed there.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-// NOTE [stochastic rounding]
-// The C++ and CUDA copy of fasttricks/ops/rounding.py (the reference; the
+// NOTE [stochastic rounding] (docs/precision.md) in C++ and CUDA: the copy of
+// fasttricks/ops/rounding.py (the reference; the
 // Triton copy is in kernels/_common.py; docs/precision.md says when to use
 // it). A value computed in fp32 is written to a bf16/fp16 tensor rounded
 // away from zero with probability equal to the fraction of an ulp it lies

@@ -6,6 +6,10 @@
 // elements (chunk_tensor[c], chunk_start[c]). The row numbers are defined
 // here for C++ and CUDA and in fasttricks/_table.py for Python and Triton;
 // tests/test_plan_cache.py holds the two (and the CPU module's copy) equal.
+// The buffer is packed in C++ (csrc/cpu/device_table.cpp); the pointer rows
+// are compared each step (O(params)) and the chunk lists, O(elements / kChunk),
+// are rebuilt and uploaded (from pinned memory, without blocking) only when
+// they changed.
 // No torch headers: the .cu files include this.
 #pragma once
 #include <cstdint>
