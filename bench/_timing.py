@@ -79,12 +79,12 @@ def environment(device="cpu") -> dict:
 
 def add_save_flag(parser) -> None:
     parser.add_argument("--save", action="store_true",
-                        help="write the rows to bench/results/ (the committed results the README cites)")
+                        help="write the rows to bench/results/ (the committed results docs/performance.md cites)")
 
 
 def write_rows(stem: str, rows: list[dict], device="cpu", save: bool = False) -> None:
     """Rows go to bench/results/<stem>_<cpu|cuda>.json only when asked (--save):
-    a casual run must not overwrite the results the README cites."""
+    a casual run must not overwrite the committed results."""
     kind = "cuda" if torch.device(device).type == "cuda" else "cpu"
     path = RESULTS / f"{stem}_{kind}.json"
     if not save:
