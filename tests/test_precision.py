@@ -49,3 +49,27 @@ def test_update_error_is_of_torch_fp32_order(backend, name, cfg):
     assert torch_err > 0, "the fp32 run must differ from fp64, or the rule compares nothing"
     assert ours_err <= RULE * torch_err, (
         f"{backend} {name}: median relative error {ours_err:.3g} against fp64, torch fp32 {torch_err:.3g}")
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton backend")
+def test_the_triton_kernels_follow_the_precision_policy():
+    """kernels/_common.py restates ops/precision.py's per-plan switches (the
+    kernels are leaves): the two agree on every dtype combination."""
+    from fasttricks.kernels import TL_DTYPES
+    from fasttricks.kernels._common import precision_constexprs
+    from fasttricks.ops.precision import LOW_PRECISION, plan_average_dtype, plan_rounds_stochastically
+
+    params = [d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64) if d in TL_DTYPES]
+    checked = 0
+    for param in params:
+        for state in {torch.float32, torch.bfloat16, param}:
+            for master in (False, True):
+                if master and (param not in LOW_PRECISION or state != torch.float32):
+                    continue  # the plans refuse these
+                for sr in (False, True):
+                    switches = precision_constexprs(param, state, master, sr)
+                    assert switches["SR"] == plan_rounds_stochastically(param, state, master, sr)
+                    assert switches["AVG_DTYPE"] == TL_DTYPES[plan_average_dtype(param, state, master, sr)]
+                    assert switches["MASTER"] == master
+                    checked += 1
+    assert checked >= 20

@@ -19,9 +19,10 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def precision_constexprs(param_dtype, state_dtype, master: bool, stochastic_rounding: bool) -> dict:
-    """The dtype switches both optimizer kernels take (docs/precision.md):
-    MASTER, SR only where a 16-bit tensor is written from fp32 math, the
-    average's dtype."""
+    """The dtype switches both optimizer kernels take: MASTER, SR only where a
+    16-bit tensor is written from fp32 math, the average's dtype. The policy
+    is fasttricks/ops/precision.py's (a leaf cannot import it; a test in
+    tests/test_precision.py holds the two equal)."""
     sr = bool(stochastic_rounding) and not master and (param_dtype in LOW_PRECISION or state_dtype in LOW_PRECISION)
     math = tl.float64 if param_dtype == torch.float64 else tl.float32
     return {"PARAM_DTYPE": TL_DTYPES[param_dtype], "STATE_DTYPE": TL_DTYPES[state_dtype],

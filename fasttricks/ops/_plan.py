@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from fasttricks.ops.precision import LOW_PRECISION
+
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def check_grad(op: str, p: torch.Tensor, g: torch.Tensor) -> None:
@@ -105,10 +106,6 @@ class PlanBase:
         if averages is not None and len(averages) != len(self.params):
             raise ValueError(f"{self.op}: one average per parameter (or none)")
         self.averages = averages
-
-    def slot(self, name: str, i: int):
-        tensors = self.slots.get(name)
-        return None if tensors is None else tensors[i]
 
     def _check_state(self, what: str, t: torch.Tensor, p: torch.Tensor, dtype=None) -> None:
         dtype = dtype or self.state_dtype

@@ -64,9 +64,10 @@ from fasttricks import _backends
 from fasttricks.ops._plan import is_dtensor, local_shards
 from fasttricks.optim import _compat, _compiled
 from fasttricks.ops.rounding import step_key
-from fasttricks.optim._plan_cache import (GroupPlans, PlanCache, average_dtype, backend_for, bind_real_view_grads,
-                                          bind_shard_grads, check_precision_options, is_extra_key, normalise_state,
-                                          own_state_empty, rounds_stochastically, state_dtype, uses_master)
+from fasttricks.ops.precision import (average_dtype, check_precision_options, rounds_stochastically, state_dtype,
+                                      uses_master)
+from fasttricks.optim._plan_cache import (GroupPlans, PlanCache, backend_for, bind_real_view_grads, bind_shard_grads,
+                                          is_extra_key, normalise_state, own_state_empty)
 from fasttricks.optim._tracked import StateDict, plain
 
 # Checkpoints of earlier versions kept these outside "state" (still read).

@@ -7,7 +7,7 @@ from fasttricks.ops._plan import found_inf_set, inv_grad_scale
 from fasttricks.ops.average import average_reference_
 from fasttricks.ops.sgd import SgdHyper, make_sgd_plan
 from fasttricks.optim._fused import FT_OPTION_NAMES, FusedOptimizerMixin
-from fasttricks.optim._plan_cache import average_dtype, state_dtype
+from fasttricks.ops.precision import average_dtype, state_dtype
 
 __all__ = ["SGD", "SGDW"]
 

@@ -43,7 +43,8 @@ from fasttricks._checks import check_int
 from fasttricks.ops.average import average_reference_
 from fasttricks.ops.host_flag import DeferredFlag
 from fasttricks.optim._fused import LEGACY_SAMPLER_STATE_KEY, anchor_param, drop_extras, write_state
-from fasttricks.optim._plan_cache import average_dtype, own_state_empty
+from fasttricks.ops.precision import average_dtype
+from fasttricks.optim._plan_cache import own_state_empty
 
 
 def _sample_counter(name: str) -> property:
