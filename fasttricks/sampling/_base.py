@@ -25,16 +25,13 @@ coefficient masked on the device.
 The averages, counters and averaged buffers are optimizer state (NOTE
 [state-resident extras] in fasttricks/optim/_fused.py): whatever saves the
 optimizer saves them, and loading it restores them (NOTE [sampler
-checkpoints] below).
+checkpoints] in fasttricks/sampling/_checkpoint.py).
 
 Methods (fasttricks/sampling/methods.py) override `_coefficient()` and
 `_epoch_end_action()`.
 """
 from __future__ import annotations
 
-import contextlib
-import itertools
-import math
 import warnings
 
 import torch
@@ -42,9 +39,10 @@ import torch
 from fasttricks._checks import check_int
 from fasttricks.ops.average import average_reference_
 from fasttricks.ops.host_flag import DeferredFlag
-from fasttricks.optim._fused import LEGACY_SAMPLER_STATE_KEY, anchor_param, drop_extras, write_state
 from fasttricks.ops.precision import average_dtype
-from fasttricks.optim._plan_cache import own_state_empty
+from fasttricks.optim._fused import drop_extras, write_state
+from fasttricks.sampling._averages import AveragesInUse
+from fasttricks.sampling._checkpoint import SamplerCheckpoints, find_saved, sampler_key, samplers_of
 
 
 def _sample_counter(name: str) -> property:
@@ -71,7 +69,7 @@ def _check_fraction(name: str, value, *, low_open: bool = True) -> float:
     return value
 
 
-class WeightSampler:
+class WeightSampler(AveragesInUse, SamplerCheckpoints):
     """Base class; see the module docstring. `fused=None` fuses whenever it can,
     `fused=False` forces the post-hook path (`fused=True` raises when it cannot fuse).
     `name` keys the sampler's state in the optimizer's checkpoints (NOTE
@@ -130,15 +128,15 @@ class WeightSampler:
             self._handles.append(optimizer.register_step_post_hook(lambda opt, args, kwargs:
                                                                    self.sample_after_step()))
         # NOTE [sampler checkpoints]: saved with the optimizer under a stable key.
-        self.key = _sampler_key(optimizer, type(self).__name__, name)
-        _samplers_of(optimizer).append(self)
+        self.key = sampler_key(optimizer, type(self).__name__, name)
+        samplers_of(optimizer).append(self)
         self._loading = None
         self._handles.append(optimizer.register_state_dict_pre_hook(lambda opt: self._publish(counters=True)))
         self._handles.append(optimizer.register_load_state_dict_pre_hook(self._optimizer_load_hook))
         self._handles.append(optimizer.register_load_state_dict_post_hook(self._optimizer_loaded_hook))
         pending = getattr(optimizer, "_ft_pending_samplers", None)
         if pending:  # attached after optimizer.load_state_dict (timm's order): claim the saved state
-            saved_key = _find_saved(pending, self.key, type(self).__name__)
+            saved_key = find_saved(pending, self.key, type(self).__name__)
             if saved_key is not None:
                 entry = pending[saved_key]
                 if entry is None:  # in optimizer.state
@@ -365,108 +363,7 @@ class WeightSampler:
             return True  # unknown: say so, once
         return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
-    @torch.no_grad()
-    def assign(self, model: torch.nn.Module | None = None, bn_loader=None, bn_fraction: float = 1.0,
-               forward_fn=None) -> None:
-        """Copy the averages into the params (and into the optimizer's fp32
-        master copies); optimizer moments are kept. With `model` and
-        `bn_loader`, recalibrate BatchNorm statistics afterwards."""
-        for p, avg in zip(self.params, self.averages):
-            p.copy_(avg)
-            master = self.optimizer.state.get(p, {}).get("master_param")
-            if master is not None:
-                master.copy_(avg)
-        if bn_loader is not None:
-            if model is None:
-                raise ValueError("assign: bn_loader needs model")
-            from fasttricks.sampling.bn import recalibrate_bn
-
-            recalibrate_bn(model, bn_loader, fraction=bn_fraction, forward_fn=forward_fn)
-
-    # ---- evaluation ----------------------------------------------------------
-
-    @contextlib.contextmanager
-    def averaged_parameters(self):
-        """Swap the averages into the params (and, with model=, the averaged
-        buffers into the model's buffers) for the duration of the block, then
-        restore the live values exactly. Safe inside: forward passes and
-        anything that reads or copies values (`copy.deepcopy(model)`,
-        `{k: v.clone() for k, v in model.state_dict().items()}`). Not safe: a
-        plain `model.state_dict()` kept past the block (its tensors are the
-        live params, restored when the block ends: use averaged_state_dict()),
-        and `optimizer.step()`, which raises here (its update would be lost)."""
-        tensors = [p.detach() for p in self.params]
-        averages = list(self.averages)
-        if self.buffer_averages:
-            tensors += self._live_buffers()
-            averages += self.buffer_averages
-        with torch.no_grad():
-            live = [t.clone() for t in tensors]
-            for t, avg in zip(tensors, averages):
-                t.copy_(avg)
-
-        def refuse_step(optimizer, args, kwargs):
-            raise RuntimeError(f"{type(self).__name__}: optimizer.step() inside averaged_parameters() would be "
-                               "undone when the live params come back; step outside the block")
-
-        handle = self.optimizer.register_step_pre_hook(refuse_step)
-        try:
-            yield self
-        finally:
-            handle.remove()
-            with torch.no_grad():
-                for t, value in zip(tensors, live):
-                    t.copy_(value)
-
-    @torch.no_grad()
-    def averaged_state_dict(self, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
-        """`model.state_dict()` with the averages in, as fresh tensors: each
-        averaged param (in the param's dtype), each averaged (or copied)
-        buffer, and a copy of anything the sampler does not average. Params
-        are matched by identity, so any param groups work. Load it into a
-        fresh model with `load_state_dict` to evaluate or export the average."""
-        model = model if model is not None else self.model
-        if model is None:
-            raise ValueError("averaged_state_dict needs the model (pass it here or as model= to the sampler)")
-        self._check_model(model, "averaged_state_dict(model)")
-        by_id = {id(p): avg for p, avg in zip(self.params, self.averages)}
-        buffers = dict(zip(self.buffer_names, self.buffer_averages)) if model is self.model else {}
-        out = {}
-        for name, t in model.state_dict(keep_vars=True).items():
-            avg = by_id.get(id(t))
-            if avg is None:
-                avg = buffers.get(name)
-            out[name] = (avg if avg is not None else t).detach().to(t.dtype, copy=True)
-        return out
-
-    @torch.no_grad()
-    def copy_to(self, target) -> None:
-        """Write the averages into `target`: a module shaped like the trained
-        one (a deepcopy, say), or a sequence of tensors in the order of the
-        optimizer's params. With model= given to the sampler, a module is
-        written by name (averaged_state_dict: params and buffers, whatever the
-        param groups); without it, the module's parameters are taken in the
-        order of the optimizer's param groups."""
-        if isinstance(target, torch.nn.Module) and self.model is not None:
-            target.load_state_dict(self.averaged_state_dict())
-            return
-        tensors = list(target.parameters()) if isinstance(target, torch.nn.Module) else list(target)
-        hint = " (pass model= to the sampler to copy by name)" if isinstance(target, torch.nn.Module) else ""
-        if len(tensors) != len(self.params):
-            raise ValueError(f"copy_to: target has {len(tensors)} tensors, the sampler averages "
-                             f"{len(self.params)}{hint}")
-        for t, avg in zip(tensors, self.averages):
-            if t.shape != avg.shape:
-                raise ValueError(f"copy_to: shape {tuple(t.shape)} does not match average {tuple(avg.shape)}{hint}")
-        for t, avg in zip(tensors, self.averages):
-            t.copy_(avg)
-        if isinstance(target, torch.nn.Module) and self.buffer_averages:
-            buffers = dict(target.named_buffers())
-            for name, avg in zip(self.buffer_names, self.buffer_averages):
-                if name in buffers:
-                    buffers[name].copy_(avg)
-
-    # ---- lifecycle and checkpoints ----------------------------------------------
+    # ---- lifecycle -----------------------------------------------------------------
 
     def detach(self) -> None:
         """Stop sampling: remove the hooks and un-fuse from the optimizer."""
@@ -476,232 +373,11 @@ class WeightSampler:
         if self.fused:
             self.optimizer.detach_averager(self)
             self.fused = False
-        samplers = _samplers_of(self.optimizer)
+        samplers = samplers_of(self.optimizer)
         if self in samplers:
             samplers.remove(self)
         drop_extras(self.optimizer, [self.key])
 
-    def state_dict(self) -> dict:
-        state = {"method": type(self).__name__, "averages": list(self.averages)}
-        if self.buffer_averages:
-            state["buffers"] = dict(zip(self.buffer_names, self.buffer_averages))
-        state.update({k: getattr(self, k) for k in self._COUNTERS})
-        state.update(self._extra_state())
-        return state
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict) -> None:
-        """Everything is checked before anything is written: a state that does
-        not fit raises ValueError and leaves averages and counters as they were.
-        An average given as None (a param the checkpoint kept none for) stays."""
-        self.check_state_dict(state)
-        for a, b in zip(self.averages, state["averages"]):
-            if b is not None:
-                a.copy_(b)  # in place: fused plans keep pointing at these tensors
-        buffers = state.get("buffers", {})
-        for name, a in zip(self.buffer_names, self.buffer_averages):
-            if name in buffers:
-                a.copy_(buffers[name])
-        for k in self._COUNTERS:
-            setattr(self, k, int(state[k]))
-        self._load_extra_state(state)
-
-    def check_state_dict(self, state: dict) -> None:
-        """Raises ValueError if `state` cannot be loaded into this sampler; writes nothing."""
-        name = type(self).__name__
-        if state.get("method") != name:
-            raise ValueError(f"{name}.load_state_dict: state is from {state.get('method')!r}")
-        missing = [k for k in ("averages", *self._COUNTERS) if k not in state]
-        if missing:
-            raise ValueError(f"{name}.load_state_dict: state lacks {missing}")
-        averages = state["averages"]
-        if len(averages) != len(self.averages):
-            raise ValueError(f"{name}.load_state_dict: {len(averages)} averages for {len(self.averages)} params")
-        for a, b in zip(self.averages, averages):
-            if b is not None and (not torch.is_tensor(b) or a.shape != b.shape):
-                raise ValueError(f"{name}.load_state_dict: average shape {tuple(getattr(b, 'shape', ()))}, "
-                                 f"expected {tuple(a.shape)}")
-        buffers = state.get("buffers", {})
-        mine = dict(zip(self.buffer_names, self.buffer_averages))
-        if buffers and (set(buffers) != set(mine) or any(
-                not torch.is_tensor(b) or b.shape != mine[n].shape for n, b in buffers.items())):
-            raise ValueError(f"{name}.load_state_dict: averaged buffers {list(buffers)} do not match the model's "
-                             f"{self.buffer_names}")
-        self._check_extra_state(state)
-
-    # ---- the sampler's entries in optimizer.state (NOTE [state-resident extras]) ----
-
-    @property
-    def _average_key(self) -> str:
-        return f"{self.key}/average"
-
-    def _anchor_param(self):
-        return anchor_param(self.optimizer)
-
-    @property
-    def _anchor(self):
-        """(anchor param, its average) or None."""
-        p = self._anchor_param()
-        i = self._index.get(id(p)) if p is not None else None
-        return None if i is None else (p, self.averages[i])
-
-    def _publishes(self, p, state) -> bool:
-        # A torch optimizer that takes an empty state for "not initialised"
-        # (Adam: len(state) == 0) must not find our entry alone there.
-        return p.requires_grad and (hasattr(self.optimizer, "attach_averager")
-                                    or isinstance(self.optimizer, torch.optim.SGD) or not own_state_empty(state))
-
-    def _publish(self, counters: bool) -> None:
-        """Put the averages (and, with counters, the counters, hyper-parameters
-        and averaged buffers, on the anchor) into optimizer.state. Not before
-        the first step: DCP takes an empty optimizer.state for one that has
-        not stepped, and initialises it with a step of lr 0."""
-        if self.total_steps == 0:
-            return
-        state, key = self.optimizer.state, self._average_key
-        writes, anchor, holder = [], self._anchor_param(), None
-        for p, avg in zip(self.params, self.averages):
-            own = state.get(p)
-            published = (own or {}).get(key) is avg
-            if published or self._publishes(p, own):
-                if not published:
-                    writes.append((p, key, avg))
-                # The counters go to the anchor, or (a torch optimizer that has
-                # no state for it yet, which an entry of ours would pass for
-                # initialised) to the first param that holds an average;
-                # loading finds them anywhere.
-                if holder is None or p is anchor:
-                    holder = p
-        if counters and holder is not None:
-            p = holder
-            writes += [(p, f"{self.key}/{k}", int(getattr(self, k))) for k in self._COUNTERS]
-            for k, v in self._extra_state().items():
-                if isinstance(v, dict):
-                    writes += [(p, f"{self.key}/{k}/{kk}", vv) for kk, vv in v.items()]
-                else:
-                    writes.append((p, f"{self.key}/{k}", v))
-            writes += [(p, f"{self.key}/buffer/{n}", b) for n, b in zip(self.buffer_names, self.buffer_averages)]
-        write_state(self.optimizer, writes)
-
-    def _state_from_entries(self, state_of) -> dict | None:
-        """This sampler's state (as state_dict() gives it) rebuilt from
-        per-param optimizer state entries; `state_of(i)` is the state of
-        self.params[i] (or None). None when they hold none of this sampler."""
-        prefix = f"{self.key}/"
-        averages, meta = [], None
-        for i in range(len(self.params)):
-            st = state_of(i) or {}
-            averages.append(st.get(prefix + "average"))
-            if meta is None and prefix + "total_steps" in st:
-                meta = st
-        if meta is None:
-            return None
-        out: dict = {"method": type(self).__name__, "averages": averages}
-        for k, v in meta.items():
-            if not isinstance(k, str) or not k.startswith(prefix) or k == prefix + "average":
-                continue
-            field, _, sub = k[len(prefix):].partition("/")
-            if sub:
-                out.setdefault("buffers" if field == "buffer" else field, {})[sub] = v
-            else:
-                out[field] = v
-        return out
-
-    def _optimizer_load_hook(self, optimizer, state_dict):
-        """Check this sampler's saved state before anything is loaded (NOTE
-        [sampler checkpoints]); the post-hook loads it."""
-        self._loading = None
-        legacy = state_dict.get(LEGACY_SAMPLER_STATE_KEY, {})
-        saved_key = _find_saved(legacy, self.key, type(self).__name__)
-        if saved_key is not None:
-            entry = legacy[saved_key]
-        else:
-            saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict.get("param_groups", ()))
-            live = itertools.chain.from_iterable(g["params"] for g in optimizer.param_groups)
-            by_param = {id(p): state_dict.get("state", {}).get(pid) for p, pid in zip(live, saved_ids)}
-            entry = self._state_from_entries(lambda i: by_param.get(id(self.params[i])))
-            saved_key = self.key
-        if entry is not None:
-            self.check_state_dict(entry)
-            self._loading = entry
-            optimizer.__dict__.setdefault("_ft_claimed_samplers", set()).add(saved_key)
-        return None
-
-    def _optimizer_loaded_hook(self, optimizer):
-        entry, self._loading = self._loading, None
-        if entry is not None:
-            self.load_state_dict(entry)
-        # The loaded state holds torch's copies (or nothing): ours go back in.
-        self._publish(counters=True)
-
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(epoch={self.epoch}, step_in_epoch={self.step_in_epoch}, "
                 f"samples={self.samples}, fused={self.fused})")
-
-
-# NOTE [sampler checkpoints]
-# Each sampler's state is optimizer state (NOTE [state-resident extras]), under
-# its key: the `name` given to the sampler, else its class name, with ":1",
-# ":2", ... for a second and third sampler of one class on one optimizer. Each
-# param's average is state[p]["<key>/average"]; the counters, the
-# hyper-parameters ("<key>/config/<name>") and the averaged buffers
-# ("<key>/buffer/<name>") sit on the anchor param, refreshed by every
-# optimizer.state_dict(). It is restored whether the sampler is attached before
-# optimizer.load_state_dict (checked in a load pre-hook, loaded in the
-# post-hook, so that nothing is half-loaded) or after it (a fasttricks
-# optimizer keeps the entries no sampler claimed, and a sampler claims its own
-# when it is created). An entry no sampler has claimed by the next step() is an
-# error (fasttricks optimizers): the run would silently restart its averages.
-# Checkpoints of earlier versions kept the samplers' states in
-# state_dict()["fasttricks_samplers"], keyed by sampler key, and before that by
-# "<attach order>:<class>" (found by class when that is unambiguous): they load.
-
-
-def _samplers_of(optimizer) -> list:
-    samplers = optimizer.__dict__.get("_ft_samplers")
-    if samplers is None:
-        samplers = optimizer.__dict__["_ft_samplers"] = []
-    return samplers
-
-
-def _sampler_key(optimizer, cls_name: str, name: str | None) -> str:
-    taken = {s.key for s in _samplers_of(optimizer)}
-    if name is not None:
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"{cls_name}: name must be a non-empty str, got {name!r}")
-        if "/" in name:  # NOTE [state-resident extras]: the separator of its state keys
-            raise ValueError(f"{cls_name}: name must not contain '/', got {name!r}")
-        if name in taken:
-            raise ValueError(f"{cls_name}: this optimizer already has a sampler named {name!r}")
-        return name
-    key, n = cls_name, 0
-    while key in taken:
-        n += 1
-        key = f"{cls_name}:{n}"
-    return key
-
-
-def _find_saved(saved: dict, key: str, cls_name: str) -> str | None:
-    """The key of this sampler's entry in a saved dict, or None."""
-    if key in saved:
-        return key
-    legacy = [k for k, v in saved.items() if ":" in k and k.split(":", 1)[0].isdigit()
-              and isinstance(v, dict) and v.get("method") == cls_name]
-    return legacy[0] if len(legacy) == 1 and key == cls_name else None
-
-
-def stride_schedule(steps_per_epoch: int, alpha: float, seed: int, epoch: int) -> list[int]:
-    """PSWA's sampled steps (1-based, sorted): n = max(1, ceil(alpha*b)) equal
-    strides of the epoch, one step drawn uniformly inside each. Depends only on
-    (seed, epoch), so every rank and every resumed run draws the same."""
-    b = steps_per_epoch
-    n = max(1, math.ceil(alpha * b - 1e-9 * b))
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63 - 1))
-    out = []
-    for s in range(n):
-        lo, hi = s * b // n + 1, (s + 1) * b // n
-        out.append(lo + int(torch.randint(hi - lo + 1, (1,), generator=gen)))
-    return out
-
-
-__all__ = ["WeightSampler", "stride_schedule"]

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from fasttricks._checks import check_int
-from fasttricks.sampling._base import WeightSampler, _check_fraction, stride_schedule
+from fasttricks.sampling._base import WeightSampler, _check_fraction
 
 __all__ = ["PSWA", "PWALKS", "PSWM", "SWA", "EMA", "BachEpoch", "BachBatch"]
 
@@ -227,3 +229,20 @@ class EMA(_Configured):
         if self.warmup:
             return 1.0 - min(self.decay, (1.0 + t) / (10.0 + t))
         return 1.0 if t == 0 else 1.0 - self.decay
+
+
+def stride_schedule(steps_per_epoch: int, alpha: float, seed: int, epoch: int) -> list[int]:
+    """PSWA's sampled steps (1-based, sorted): n = max(1, ceil(alpha*b)) equal
+    strides of the epoch, one step drawn uniformly inside each. Depends only on
+    (seed, epoch), so every rank and every resumed run draws the same."""
+    b = steps_per_epoch
+    n = max(1, math.ceil(alpha * b - 1e-9 * b))
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63 - 1))
+    out = []
+    for s in range(n):
+        lo, hi = s * b // n + 1, (s + 1) * b // n
+        out.append(lo + int(torch.randint(hi - lo + 1, (1,), generator=gen)))
+    return out
+
+
+__all__ = ["WeightSampler", "stride_schedule"]
