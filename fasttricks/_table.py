@@ -10,7 +10,7 @@ CHUNK = 4096  # elements per Triton program / CUDA block
 # Rows in order. "step" holds pointers to float32 step counters; "first" is a
 # flag row (1 where SGD's momentum buffer has not had its first step); "key"
 # a flag row of the params' stochastic-rounding keys (their index among the
-# optimizer's params; NOTE [stochastic rounding] in fasttricks/ops/rounding.py).
+# optimizer's params; NOTE [stochastic rounding] in docs/precision.md).
 ADAM_ROWS = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master", "avg", "step", "key")
 SGD_ROWS = ("param", "grad", "momentum_buffer", "master", "avg", "first", "key")
 

@@ -49,7 +49,7 @@ def train(rank, world, init_file, out_dir, backend="cpu", wrap="ddp"):
     # BN statistics from each rank's shard, averaged across ranks.
     bn = torch.nn.BatchNorm1d(8)
     recalibrate_bn(torch.nn.Sequential(bn), [(xb, yb) for xb, yb in batches])
-    plans = [type(plan).__name__ for entry in opt._ft_cache.groups.values() for plan in entry.buckets]
+    plans = [type(plan).__name__ for entry in opt._ft_engine.cache.groups.values() for plan in entry.buckets]
     torch.save({"params": full(model.parameters()), "pwalks": full(pwalks.averages), "ema": full(ema.averages),
                 "plans": plans,
                 "bn": (bn.running_mean, bn.running_var), "shard_means": [xb.mean(0) for xb, _ in batches]},

@@ -232,7 +232,7 @@ def test_group_options_live_beside_param_groups():
     opt.step()
     opt.set_group_options(1, backend="reference")  # the group's plans are rebuilt
     opt.step()
-    assert type(opt._ft_cache.groups[id(opt.param_groups[1])].buckets[0]).__name__.startswith("Reference")
+    assert type(opt._ft_engine.cache.groups[id(opt.param_groups[1])].buckets[0]).__name__.startswith("Reference")
     twin = copy.deepcopy(opt)
     assert [twin.group_options(g) for g in twin.param_groups] == [opt.group_options(g) for g in opt.param_groups]
     options = [dict(opt.group_options(g)) for g in opt.param_groups]

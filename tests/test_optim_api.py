@@ -361,7 +361,7 @@ def test_device_tables_native_and_python_agree(cls, tcls, cfg, monkeypatch):
                 params[0].grad = params[0].grad.contiguous(memory_format=torch.channels_last)
             opt.found_inf = torch.tensor(float(k == 3))
             opt.step()
-        plans = [plan for group in opt._ft_cache.groups.values() for plan in group.buckets]
+        plans = [plan for group in opt._ft_engine.cache.groups.values() for plan in group.buckets]
         assert plans and all((plan._native is not None) == native for plan in plans)
         results.append(([p.detach().clone() for p in params], [a.clone() for a in ema.averages],
                         snapshot(params, opt)[1]))

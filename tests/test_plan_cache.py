@@ -190,13 +190,13 @@ def test_float64_step_from_torch_works(backend):
 def test_cache_is_reused_when_nothing_changes():
     ours, opt, theirs, topt = twins(fo.AdamW, torch.optim.AdamW, dict(lr=1e-2), "reference", SHAPES)
     step_both(ours, opt, theirs, topt, 0)
-    plans = [plan for entry in opt._ft_cache.lookup(opt) for plan in entry.buckets]
+    plans = [plan for entry in opt._plans() for plan in entry.buckets]
     step_both(ours, opt, theirs, topt, 1)
-    assert [plan for entry in opt._ft_cache.lookup(opt) for plan in entry.buckets] == plans
+    assert [plan for entry in opt._plans() for plan in entry.buckets] == plans
     opt.param_groups[0]["lr"] = 1e-3  # a hyper-parameter is read each step: no rebuild
     topt.param_groups[0]["lr"] = 1e-3
     step_both(ours, opt, theirs, topt, 2)
-    assert [plan for entry in opt._ft_cache.lookup(opt) for plan in entry.buckets] == plans
+    assert [plan for entry in opt._plans() for plan in entry.buckets] == plans
     assert_agree(ours, opt, theirs, topt)
 
 
@@ -297,7 +297,7 @@ def test_cpu_plans_read_hyper_records_by_position_or_by_name(cls, kw):
         p.grad = torch.tensor([0.5, 0.25, -1.0])
         opt = cls([p], backend="cpu", **kw)
         opt.step()
-        plans.append((opt._ft_cache.lookup(opt)[0].buckets[0], opt._hyper(opt.param_groups[0])))
+        plans.append((opt._plans()[0].buckets[0], opt._family.hyper(opt.param_groups[0], opt.grad_multiplier, 0)))
     (by_position, record), (by_name, _) = plans
     assert by_position.step(record, None, None, 0.0) == 1
     assert by_name.step(SimpleNamespace(**record._asdict()), None, None, 0.0) == 1

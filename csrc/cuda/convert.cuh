@@ -25,7 +25,7 @@ template <typename O> __device__ __forceinline__ O to_math(__nv_bfloat16 x) { re
 template <typename O> __device__ __forceinline__ O to_math(__half x) { return O(__half2float(x)); }
 template <typename O> __device__ __forceinline__ O to_math(uint8_t x) { return O(x); }
 
-// NOTE [stochastic rounding] (fasttricks/rounding.h): x rounded to T with the
+// NOTE [stochastic rounding] (docs/precision.md; fasttricks/rounding.h): x rounded to T with the
 // random r (< 2^16) when T is 16-bit and SR; else from_math. FLOOR: a
 // positive x never becomes 0.
 template <typename T, typename O> __device__ __forceinline__ T from_math(O x);

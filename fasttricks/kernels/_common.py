@@ -96,8 +96,8 @@ def store_weights(ptrs_ptr, n_tensors, t, offs, mask, w, avg_coef, bits, MASTER_
         tl.store(avg_ptr + offs, lerp_average(a, w, avg_coef).to(AVG_DTYPE), mask=mask)
 
 
-# NOTE [stochastic rounding] (fasttricks/ops/rounding.py, the reference; the
-# C++/CUDA copy is csrc/include/fasttricks/rounding.h): the same integer ops.
+# NOTE [stochastic rounding] (docs/precision.md; the reference is
+# fasttricks/ops/rounding.py, the C++/CUDA copy is csrc/include/fasttricks/rounding.h): the same integer ops.
 
 @triton.jit
 def mix32(x):

@@ -1,5 +1,6 @@
-"""The Python side of a plan: one bucket (one device, one param dtype) of
-parameters with their optimizer state, built once and stepped many times.
+"""The Python side of a plan: one bucket of params with their optimizer state.
+
+One device and one param dtype, built once and stepped many times.
 
 The C++ CPU plans (csrc/cpu/plans.h) follow the same contract; this base
 serves the reference, Triton and CUDA backends:
@@ -12,8 +13,11 @@ serves the reference, Triton and CUDA backends:
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 
+from fasttricks import _backends
 from fasttricks.ops.precision import LOW_PRECISION
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -45,9 +49,25 @@ _DTensor = None
 
 
 def local_shards(tensors):
-    """NOTE [DTensor shards] (fasttricks/optim/_fused.py): the fused plans run on
+    """NOTE [DTensor shards] (fasttricks/optim/_engine.py): the fused plans run on
     each rank's local piece of DTensor params and state; other tensors pass."""
     return None if tensors is None else [t._local_tensor if is_dtensor(t) else t for t in tensors]
+
+
+def plan_for_backend(backend: str, op: str, *, reference, cpu, device, cuda_launch):
+    """The one dispatch of the families' plan makers: `reference()`, `cpu(ext)`
+    and `device(launch)` build the plan for their backend. The Triton launch
+    (`fasttricks.kernels.<op>.launch_<op>`) is imported only when asked for:
+    it imports triton."""
+    if backend == "reference":
+        return reference()
+    if backend == "cpu":
+        return cpu(_backends.cpu_ext())
+    if backend == "triton":
+        return device(getattr(importlib.import_module(f"fasttricks.kernels.{op}"), f"launch_{op}"))
+    if backend == "cuda":
+        return device(cuda_launch)
+    raise ValueError(f"Invalid backend: {backend!r}")
 
 
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:

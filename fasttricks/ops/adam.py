@@ -1,5 +1,8 @@
-"""Adam / AdamW step: the reference (the spec every kernel is tested against)
-and the dispatcher that builds a plan for a backend.
+"""Adam / AdamW: the reference, the plan dispatcher and the family record.
+
+The reference is the spec every kernel is tested against; the dispatcher
+builds a plan for a backend; the record (at the end) is what the step
+engine needs of the family.
 
 The update (NOTE [Adam math] in csrc/include/fasttricks/adam_math.h), in fp32
 math (fp64 for fp64 params), for step t (counted from 1):
@@ -14,7 +17,7 @@ math (fp64 for fp64 params), for step t (counted from 1):
 
 w is the fp32 master copy when there is one (bf16/fp16 params with
 master_weights), and the param is written as w rounded to its dtype: to
-nearest, or stochastically (NOTE [stochastic rounding] in ops/rounding.py)
+nearest, or stochastically (NOTE [stochastic rounding] in docs/precision.md)
 when the plan has rounding keys, as are bf16/fp16 moments then (exp_avg_sq
 and max_exp_avg_sq never round a positive value to 0).
 """
@@ -28,11 +31,12 @@ import torch
 from fasttricks import _backends
 from fasttricks._table import ADAM_ROWS, grad_multiplier, scalar_arg
 from fasttricks.ops._device import DevicePlan
-from fasttricks.ops._plan import (PlanBase, found_inf_set, inv_grad_scale, local_shards,
+from fasttricks.ops._plan import (PlanBase, found_inf_set, inv_grad_scale, local_shards, plan_for_backend,
                                   opmath_dtype)
-from fasttricks.ops.rounding import HIGH_BITS, LOW_BITS, StepBits, tensor_key
+from fasttricks.ops.family import Family, own_state_empty
+from fasttricks.ops.rounding import HIGH_BITS, StepBits, tensor_key
 
-__all__ = ["AdamHyper", "adam_reference_", "make_adam_plan"]
+__all__ = ["AdamHyper", "adam_reference_", "make_adam_plan", "ADAM_FAMILY", "ADAMW_FAMILY"]
 
 
 class AdamHyper(NamedTuple):
@@ -90,12 +94,7 @@ def adam_reference_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
             w.sub_((m * (lr / (1 - beta1**t))) / denom)
             bits.round_into_(exp_avgs[i], m, 0, HIGH_BITS)
             bits.round_into_(exp_avg_sqs[i], v, 1, HIGH_BITS, positive_floor=True)
-            if master is None:
-                bits.round_into_(p, w, 0, LOW_BITS)
-            else:
-                p.copy_(w)
-            if averages is not None and avg_coef != 0:
-                averages[i].copy_(averages[i].to(op).lerp_(w, avg_coef))
+            bits.store_weights_(p, w, master, averages[i] if averages is not None else None, avg_coef)
     return True
 
 
@@ -169,15 +168,56 @@ def make_adam_plan(backend: str, params, steps, exp_avgs, exp_avg_sqs, max_exp_a
             list(max_exp_avg_sqs) if amsgrad else None, list(masters) if masters else None)
     if backend != "reference":  # NOTE [DTensor shards]: the kernels take each rank's local pieces
         args = tuple(map(local_shards, args))
-    if backend == "reference":
-        return ReferenceAdamPlan(*args, amsgrad, decoupled, rounding)
-    if backend == "cpu":
-        return _backends.cpu_ext().AdamPlan(*[a if a is not None else [] for a in args], amsgrad, decoupled,
-                                            rounding or [], rounding is not None)
-    if backend == "triton":
-        from fasttricks.kernels.adam import launch_adam  # imports triton: only when asked for
+    return plan_for_backend(
+        backend, "adam",
+        reference=lambda: ReferenceAdamPlan(*args, amsgrad, decoupled, rounding),
+        cpu=lambda ext: ext.AdamPlan(*[a if a is not None else [] for a in args], amsgrad, decoupled,
+                                     rounding or [], rounding is not None),
+        device=lambda launch: DeviceAdamPlan(*args, amsgrad, decoupled, launch, rounding),
+        cuda_launch=launch_cuda_adam)
 
-        return DeviceAdamPlan(*args, amsgrad, decoupled, launch_adam, rounding)
-    if backend == "cuda":
-        return DeviceAdamPlan(*args, amsgrad, decoupled, launch_cuda_adam, rounding)
-    raise ValueError(f"Invalid backend: {backend!r}")
+
+# ---- the family (fasttricks/ops/family.py) ----------------------------------------
+
+
+def _init_adam_state(state, group, p):
+    # torch's layout: "step" is a 0-dim float32 tensor, on the param's device
+    # off CPU as torch's fused/capturable Adam keeps it.
+    s = state[p]
+    s["step"] = torch.zeros((), dtype=torch.float32, device=p.device if p.device.type != "cpu" else "cpu")
+    s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    if group["amsgrad"]:
+        s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return s
+
+
+def _adam_family(name: str, decoupled) -> Family:
+    """Adam (decoupled weight decay when the group asks for it, as torch's
+    Adam(decoupled_weight_decay=True)) or AdamW (always decoupled)."""
+
+    def build_plan(state, backend, group, options, params, master, view, rounding):
+        states = [state[p] for p in params]
+        if group["amsgrad"]:
+            for s in states:
+                if "max_exp_avg_sq" not in s:
+                    s["max_exp_avg_sq"] = torch.zeros_like(s["exp_avg_sq"])
+        slot = lambda key: [view(s[key]) for s in states]  # noqa: E731
+        return make_adam_plan(
+            backend, [view(p) for p in params], [s["step"] for s in states], slot("exp_avg"), slot("exp_avg_sq"),
+            slot("max_exp_avg_sq") if group["amsgrad"] else None, slot("master_param") if master else None,
+            amsgrad=bool(group["amsgrad"]), decoupled=decoupled(group), rounding=rounding)
+
+    def hyper(group, grad_mul: float, round_key: int) -> AdamHyper:
+        beta1, beta2 = group["betas"]
+        return AdamHyper(group["lr"], float(beta1), float(beta2), group["eps"], group["weight_decay"],
+                         bool(group["maximize"]), grad_mul, round_key)
+
+    return Family(name=name,
+                  plan_flags=lambda group, options: (group["amsgrad"], group.get("decoupled_weight_decay")),
+                  needs_state=lambda group, s: own_state_empty(s),
+                  init_state=_init_adam_state, build_plan=build_plan, hyper=hyper)
+
+
+ADAM_FAMILY = _adam_family("Adam", lambda group: bool(group.get("decoupled_weight_decay", False)))
+ADAMW_FAMILY = _adam_family("AdamW", lambda group: True)

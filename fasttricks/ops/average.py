@@ -1,4 +1,6 @@
-"""The weight-averaging update shared by every sampling method (docs/sampling.md):
+"""The weight-averaging update every sampling method shares.
+
+The update of docs/sampling.md:
 
     w_hat <- w_hat + c * (w - w_hat)
 

@@ -1,5 +1,6 @@
-"""Mixup blend: the reference and the dispatcher (NOTE [mixup blend math] in
-csrc/include/fasttricks/mixup_math.h).
+"""Mixup blend: the reference and the dispatcher.
+
+The math is NOTE [mixup blend math] in csrc/include/fasttricks/mixup_math.h.
 
     x_mix[i] = lam[i] * x[i] + (1 - lam[i]) * x[j(i)]
 

@@ -1,5 +1,7 @@
-"""The precision policy: which dtypes a param's master copy, state and
-averages take, and when writes round stochastically (docs/precision.md).
+"""The precision policy: master copies, stochastic rounding, and the dtypes of state and averages.
+
+Which dtypes a param's master copy, state and averages take, and when writes
+round stochastically (docs/precision.md).
 
 The one room that rule is written in: the optimizers, their plans and the
 samplers read it here. The Triton kernels are leaves and cannot import it;

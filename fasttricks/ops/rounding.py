@@ -1,6 +1,7 @@
-"""Stochastic rounding: the reference (NOTE [stochastic rounding] in
-csrc/include/fasttricks/rounding.h, docs/precision.md) that the C++ and
-Triton kernels reproduce bit for bit.
+"""Stochastic rounding: the reference that the C++ and Triton kernels reproduce bit for bit.
+
+NOTE [stochastic rounding] in docs/precision.md has the rule;
+csrc/include/fasttricks/rounding.h is the C++ copy.
 
 A value x computed in fp32 is written to a bf16/fp16 tensor rounded up (away
 from zero) with probability equal to the fraction of an ulp it lies above
@@ -151,3 +152,15 @@ class StepBits:
             self.words.append(_mul32(self.words[-1], WORD_MUL))
         r16 = half_bits(self.words[word], half)
         dst.copy_(stochastic_round(x.detach().to(torch.float32).expand_as(dst), dst.dtype, r16, positive_floor))
+
+    def store_weights_(self, p: torch.Tensor, w: torch.Tensor, master, average, avg_coef: float) -> None:
+        """The end of a reference step, in the kernels' order: the param from
+        the math-precision weights `w` (rounded with the param's bits, or to
+        nearest from its master), then the fused average (NOTE [weight
+        averaging lerp]) toward `w`."""
+        if master is None:
+            self.round_into_(p, w, 0, LOW_BITS)
+        else:
+            p.copy_(w)
+        if average is not None and avg_coef != 0:
+            average.copy_(average.to(w.dtype).lerp_(w, avg_coef))

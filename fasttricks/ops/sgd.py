@@ -1,4 +1,4 @@
-"""SGD / SGDW step: the reference and the plan dispatcher.
+"""SGD / SGDW: the reference, the plan dispatcher and the family record.
 
 The update (NOTE [SGD math] in csrc/include/fasttricks/sgd_math.h), with
 torch.optim.SGD's semantics, in fp32 math (fp64 for fp64 params):
@@ -14,7 +14,7 @@ torch.optim.SGD's semantics, in fp32 math (fp64 for fp64 params):
 
 bf16/fp16 params and buffers are written rounded to nearest, or
 stochastically when the plan has rounding keys (NOTE [stochastic rounding]
-in ops/rounding.py).
+in docs/precision.md).
 """
 from __future__ import annotations
 
@@ -25,12 +25,15 @@ import torch
 from fasttricks import _backends
 from fasttricks._table import SGD_ROWS, grad_multiplier, scalar_arg
 from fasttricks.ops._device import DevicePlan
-from fasttricks.ops._plan import (PlanBase, found_inf_set, inv_grad_scale, local_shards,
+from fasttricks.ops._plan import (PlanBase, found_inf_set, inv_grad_scale, local_shards, plan_for_backend,
                                   opmath_dtype)
+from fasttricks.ops.average import average_reference_
+from fasttricks.ops.family import Family, SparseSteps
 from fasttricks.ops.host_flag import DeferredFlag
-from fasttricks.ops.rounding import HIGH_BITS, LOW_BITS, StepBits, tensor_key
+from fasttricks.ops.precision import average_dtype, state_dtype
+from fasttricks.ops.rounding import HIGH_BITS, StepBits, tensor_key
 
-__all__ = ["SgdHyper", "sgd_reference_", "make_sgd_plan"]
+__all__ = ["SgdHyper", "sgd_reference_", "make_sgd_plan", "SGD_FAMILY"]
 
 
 class SgdHyper(NamedTuple):
@@ -74,12 +77,7 @@ def sgd_reference_(params, grads, momentum_buffers, first_step, *, masters=None,
                 bits.round_into_(momentum_buffers[i], buf, 0, HIGH_BITS)
                 g = g + buf * momentum if nesterov else buf
             w.sub_(g * lr)
-            if master is None:
-                bits.round_into_(p, w, 0, LOW_BITS)
-            else:
-                p.copy_(w)
-            if averages is not None and avg_coef != 0:
-                averages[i].copy_(averages[i].to(op).lerp_(w, avg_coef))
+            bits.store_weights_(p, w, master, averages[i] if averages is not None else None, avg_coef)
     return True
 
 
@@ -182,16 +180,102 @@ def make_sgd_plan(backend: str, params, momentum_buffers, masters, first_step, *
     args = (list(params), bufs, list(masters) if masters else None, list(first_step))
     if backend != "reference":  # NOTE [DTensor shards]: the kernels take each rank's local pieces
         args = (local_shards(args[0]), local_shards(args[1]), local_shards(args[2]), args[3])
-    if backend == "reference":
-        return ReferenceSgdPlan(*args, nesterov, decoupled, rounding)
-    if backend == "cpu":
-        p, b, m, f = args
-        return _backends.cpu_ext().SgdPlan(p, b or [], m or [], f if b else [], nesterov, decoupled,
-                                           rounding or [], rounding is not None)
-    if backend == "triton":
-        from fasttricks.kernels.sgd import launch_sgd  # imports triton: only when asked for
+    p, b, m, f = args
+    return plan_for_backend(
+        backend, "sgd",
+        reference=lambda: ReferenceSgdPlan(*args, nesterov, decoupled, rounding),
+        cpu=lambda ext: ext.SgdPlan(p, b or [], m or [], f if b else [], nesterov, decoupled, rounding or [],
+                                    rounding is not None),
+        device=lambda launch: DeviceSgdPlan(*args, nesterov, decoupled, launch, rounding),
+        cuda_launch=launch_cuda_sgd)
 
-        return DeviceSgdPlan(*args, nesterov, decoupled, launch_sgd, rounding)
-    if backend == "cuda":
-        return DeviceSgdPlan(*args, nesterov, decoupled, launch_cuda_sgd, rounding)
-    raise ValueError(f"Invalid backend: {backend!r}")
+
+# ---- the family (fasttricks/ops/family.py) ----------------------------------------
+
+
+def _build_sgd_plan(state, backend, group, options, params, master, view, rounding):
+    momentum = group["momentum"] != 0
+    bufs, first, pending = ([], [], {}) if momentum else (None, [False] * len(params), {})
+    if momentum:
+        for i, p in enumerate(params):
+            s = state.get(p)
+            buf = s.get("momentum_buffer") if s else None
+            if buf is None:  # the kernel writes buf = g on the first step
+                buf = torch.zeros_like(p, dtype=state_dtype(options, p.dtype), memory_format=torch.preserve_format)
+                pending[i] = (p, buf)
+            bufs.append(view(buf))
+            first.append(i in pending)
+    plan = make_sgd_plan(backend, [view(p) for p in params], bufs,
+                         [view(state[p]["master_param"]) for p in params] if master else None, first,
+                         nesterov=bool(group["nesterov"]), decoupled=bool(options["decoupled_weight_decay"]),
+                         rounding=rounding)
+    plan._ft_pending = pending  # buffers that enter the state on their first committed step
+    return plan
+
+
+def _commit_sgd_buffers(plan, wait: bool) -> list:
+    """New momentum buffers enter the state once a step that started them is
+    known not to be skipped (NOTE [deferred found_inf])."""
+    pending = getattr(plan, "_ft_pending", None)
+    settled = getattr(plan, "first_step_settled", None)  # the CPU plans read found_inf in the step
+    if not pending or not (wait or settled is None or settled()):
+        return []
+    flags = plan.first_step_flags()
+    return [(pending[i][0], "momentum_buffer", pending.pop(i)[1]) for i in [i for i in pending if not flags[i]]]
+
+
+def _check_sparse_sgd(params) -> None:
+    for p in params:
+        g = p.grad
+        if g is not None and (g.dtype != p.dtype or g.shape != p.shape or g.device != p.device):
+            raise RuntimeError(f"SGD: sparse gradient {g.dtype} {tuple(g.shape)} on {g.device} does not match "
+                               f"its parameter {p.dtype} {tuple(p.shape)} on {p.device}")
+
+
+@torch.no_grad()
+def _step_sparse_sgd(state, group, options, params, grad_scale, found_inf, avg_coef, grad_mul, averages_for):
+    """torch's single-tensor SGD, in torch ops, for params with a sparse grad."""
+    if found_inf_set(found_inf):  # NOTE [found_inf contract]
+        return []
+    lr, wd, momentum = float(group["lr"]), group["weight_decay"], group["momentum"]
+    dampening, nesterov = group["dampening"], group["nesterov"]
+    mul = grad_mul * (-1.0 if group["maximize"] else 1.0) * inv_grad_scale(grad_scale)
+    stepped, buffers = [], []
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        g = g * mul if mul != 1.0 else g
+        if options["decoupled_weight_decay"]:
+            p.mul_(1.0 - lr * wd)
+        elif wd != 0:
+            g = g.add(p, alpha=wd)
+        if momentum != 0:
+            buf = state.get(p, {}).get("momentum_buffer")
+            if buf is None:
+                buf = torch.clone(g).detach()
+            else:
+                buf.mul_(momentum).add_(g, alpha=1.0 - dampening)
+            buffers.append((p, "momentum_buffer", buf))
+            g = g.add(buf, alpha=momentum) if nesterov else buf
+        p.add_(g, alpha=-lr)
+        stepped.append(p)
+    if avg_coef != 0 and averages_for is not None and stepped:
+        averages = [averages_for([p], average_dtype(options, p.dtype))[0] for p in stepped]
+        average_reference_(averages, [p.detach() for p in stepped], avg_coef)
+    return buffers
+
+
+SGD_FAMILY = Family(
+    name="SGD",
+    plan_flags=lambda group, options: (group["momentum"] != 0, group["nesterov"],
+                                       options["decoupled_weight_decay"]),
+    # A param without a buffer waits, stateless, for its first grad; the buffer comes from the plan.
+    needs_state=lambda group, s: group["momentum"] != 0 and (not s or s.get("momentum_buffer") is None),
+    init_state=lambda state, group, p: state.get(p),
+    build_plan=_build_sgd_plan,
+    hyper=lambda group, grad_mul, round_key: SgdHyper(group["lr"], group["weight_decay"], group["momentum"],
+                                                      group["dampening"], bool(group["maximize"]), grad_mul,
+                                                      round_key),
+    sparse=SparseSteps(check=_check_sparse_sgd, step=_step_sparse_sgd),
+    commit=_commit_sgd_buffers)

@@ -1,5 +1,6 @@
-"""The pieces of torch.optim's private surface the fasttricks optimizers lean
-on, kept in one place so that a torch upgrade has one file to check: the
+"""The pieces of torch.optim's private surface the fasttricks optimizers lean on.
+
+Kept in one place so that a torch upgrade has one file to check: the
 hook-firing wrapper around `step` and the `differentiable=True` fallback to
 torch's own step."""
 from __future__ import annotations

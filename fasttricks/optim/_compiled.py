@@ -1,4 +1,6 @@
-"""NOTE [compiled step]
+"""The fused step inside torch.compile, as one custom op.
+
+NOTE [compiled step]
 `opt.step()` inside a torch.compile'd function.
 
 Dynamo can trace the optimizer's Python but not a call into a plan's C++ or

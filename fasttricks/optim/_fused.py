@@ -1,4 +1,4 @@
-"""What the fasttricks optimizers share on top of torch.optim.
+"""torch's face of a fasttricks optimizer: options, checkpoints, samplers and step().
 
 Each fasttricks optimizer subclasses torch's own (SGD, Adam, AdamW), so the
 constructor arguments, defaults, validation, exception types, state_dict
@@ -41,18 +41,6 @@ group (by identity) to its options; `group_options(group)` reads them,
 `set_group_options(group, ...)` changes them (that group's plans are
 rebuilt); load_state_dict keeps each group's options by position, as torch
 keeps its params; deepcopy and pickle keep them (__getstate__).
-
-NOTE [state-resident extras]
-What the optimizer and its samplers keep besides torch's own state lives in
-`optimizer.state[p]` too, under keys that hold a '/' (torch's never do), so
-that whatever saves the optimizer saves them: plain state_dict(), DCP
-flattened or not, FSDP2's sharded state dicts, the frameworks' checkpoints.
-A sampler's average of p is `state[p]["<sampler key>/average"]`; its
-counters, hyper-parameters and averaged buffers, and the stochastic-rounding
-counters ("rounding/seed", "rounding/step"), sit as ints, floats and tensors
-in the state of the anchor param, the first param that requires grad (the
-values are refreshed by every state_dict()). The math never reads these keys,
-and a state that holds only them counts as empty (own_state_empty).
 """
 from __future__ import annotations
 
@@ -61,64 +49,25 @@ import itertools
 import torch
 
 from fasttricks import _backends
-from fasttricks.ops._plan import is_dtensor, local_shards
+from fasttricks.ops.family import Family
+from fasttricks.ops.precision import check_precision_options, rounds_stochastically, state_dtype, uses_master
 from fasttricks.optim import _compat, _compiled
-from fasttricks.ops.rounding import step_key
-from fasttricks.ops.precision import (average_dtype, check_precision_options, rounds_stochastically, state_dtype,
-                                      uses_master)
-from fasttricks.optim._plan_cache import (GroupPlans, PlanCache, backend_for, bind_real_view_grads, bind_shard_grads,
-                                          is_extra_key, normalise_state, own_state_empty)
+from fasttricks.optim._engine import RoundingSteps, StepEngine
 from fasttricks.optim._tracked import StateDict, plain
+from fasttricks.optim.state_extras import (LEGACY_ROUNDING_STATE_KEY, LEGACY_SAMPLER_STATE_KEY, ROUNDING_SEED_KEY,
+                                           ROUNDING_STEP_KEY, anchor_param, drop_extras, is_extra_key, write_state)
 
-# Checkpoints of earlier versions kept these outside "state" (still read).
-LEGACY_SAMPLER_STATE_KEY = "fasttricks_samplers"
-LEGACY_ROUNDING_STATE_KEY = "fasttricks_rounding"
-# NOTE [stochastic rounding], NOTE [state-resident extras]: on the anchor param.
-ROUNDING_SEED_KEY, ROUNDING_STEP_KEY = "rounding/seed", "rounding/step"
 # NOTE [group options]: the options every family has.
 FT_OPTION_NAMES = ("backend", "master_weights", "stochastic_rounding", "state_dtype")
 
 
-def anchor_param(optimizer):
-    """NOTE [state-resident extras]: the param whose state holds the
-    optimizer-wide extras: the first that requires grad (DCP keeps no state
-    for the others), else the first."""
-    first = None
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.requires_grad:
-                return p
-            first = p if first is None else first
-    return first
-
-
-def write_state(optimizer, writes) -> None:
-    """[(param, key, value)] into optimizer.state; on a fasttricks optimizer
-    without invalidating its plans (extras change nothing a plan holds)."""
-    cache = optimizer.__dict__.get("_ft_cache")
-    if cache is not None:
-        cache.write_state(optimizer, writes)
-    else:
-        for p, key, value in writes:
-            optimizer.state[p][key] = value
-
-
-def drop_extras(optimizer, owners) -> None:
-    """Remove from optimizer.state the extras of `owners` (sampler keys):
-    every entry named "<owner>/..."."""
-    prefixes = tuple(f"{k}/" for k in owners)
-    if not prefixes:
-        return
-    for state in list(optimizer.state.values()):
-        if isinstance(state, dict):
-            for k in [k for k in state if isinstance(k, str) and k.startswith(prefixes)]:
-                del state[k]
-
-
 class FusedOptimizerMixin:
-    """Mixed in before a torch.optim class; subclasses define `_family_flags`,
-    `_needs_state`, `_init_state`, `_build_plan`, `_hyper` and may extend
-    `_option_names` (their own per-group options) and `_step_plan`."""
+    """Mixed in before a torch.optim class: torch's face of a fasttricks
+    optimizer (options, checkpoints, sampler attachment) over a StepEngine.
+    Subclasses set `_family` (fasttricks/ops/family.py) and may extend
+    `_option_names` (their own per-group options)."""
+
+    _family: Family
 
     _option_names = FT_OPTION_NAMES
     _option_defaults: dict = {}  # a family's defaults for options beyond FT_OPTION_NAMES
@@ -147,11 +96,10 @@ class FusedOptimizerMixin:
         # (rounding_seed, k); k counts the steps taken with rounding on.
         self.rounding_seed = rounding_seed
         self._ft_round_step = 0
-        self._ft_round_key = 0
         # NOTE [found_inf contract]: the fused unscale only on torch's opt-in.
         self._step_supports_amp_scaling = any(bool(g.get("fused")) for g in self.param_groups)
         self.state = StateDict(self.state)
-        self._ft_cache = PlanCache()
+        self._ft_engine = StepEngine(self._family)
         # Random gradient and friends fold a factor into the step's gradient
         # scale here; 1.0 means off.
         self.grad_multiplier = 1.0
@@ -211,6 +159,7 @@ class FusedOptimizerMixin:
         per-param state, torch's keys only in param_groups), so that torch's
         optimizers load it exactly as one of their own; the extras (NOTE
         [state-resident extras]) ride in the per-param state."""
+        self._ft_engine.settle(self.state)
         if any(rounds_stochastically(self.group_options(g)) for g in self.param_groups):
             anchor = anchor_param(self)
             write_state(self, [(anchor, ROUNDING_SEED_KEY, int(self.rounding_seed)),
@@ -236,7 +185,7 @@ class FusedOptimizerMixin:
             rounding = {"seed": found.get(ROUNDING_SEED_KEY, self.rounding_seed), "step": found[ROUNDING_STEP_KEY]}
         if rounding is not None:
             self.rounding_seed, self._ft_round_step = int(rounding["seed"]), int(rounding["step"])
-        # NOTE [sampler checkpoints] (fasttricks/sampling/_base.py): the samplers
+        # NOTE [sampler checkpoints] (fasttricks/sampling/_checkpoint.py): the samplers
         # attached now loaded theirs in their hooks; the rest wait for their sampler.
         claimed = self.__dict__.pop("_ft_claimed_samplers", set())
         pending = {k: v for k, v in state_dict.get(LEGACY_SAMPLER_STATE_KEY, {}).items() if k not in claimed}
@@ -266,7 +215,7 @@ class FusedOptimizerMixin:
                     elif want != p.dtype or uses_master(options, p.dtype):
                         self.state[p][k] = v.to(device=p.device, copy=True,
                                                 dtype=torch.float32 if k == "master_param" else want)
-        self._ft_cache.clear()
+        self._ft_engine.clear()
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -280,7 +229,7 @@ class FusedOptimizerMixin:
         extra = state.pop("fasttricks", None)
         super().__setstate__(state)
         self.state = StateDict(self.state)
-        self._ft_cache = PlanCache()
+        self._ft_engine = StepEngine(self._family)
         if extra is not None:  # an unpickled or deep-copied optimizer
             self._ft_defaults = extra["defaults"]
             self._ft_options = {id(g): (g, dict(o)) for g, o in zip(self.param_groups, extra["group_options"])}
@@ -297,7 +246,6 @@ class FusedOptimizerMixin:
         self.__dict__.setdefault("_ft_sampler", None)
         self.__dict__.setdefault("rounding_seed", 0)
         self.__dict__.setdefault("_ft_round_step", 0)
-        self.__dict__.setdefault("_ft_round_key", 0)
         if "_step_supports_amp_scaling" not in self.__dict__:  # NOTE [found_inf contract]: torch's pickling forgets it
             self._step_supports_amp_scaling = any(bool(g.get("fused")) for g in self.param_groups)
         if "_ft_compile_id" not in self.__dict__:  # a copy or an unpickled optimizer
@@ -321,95 +269,13 @@ class FusedOptimizerMixin:
         if self._ft_sampler is not None:
             return False
         self._ft_sampler = sampler
-        self._ft_cache.clear()
+        self._ft_engine.clear()
         return True
 
     def detach_averager(self, sampler) -> None:
         if self._ft_sampler is sampler:
             self._ft_sampler = None
-            self._ft_cache.clear()
-
-    # ---- plans (NOTE [plan cache]) -------------------------------------------
-
-    def _plan_flags(self, group) -> tuple:
-        """The group switches a plan is built for: a change rebuilds it. (Read
-        as they are, not through rounds_stochastically() and friends: this runs
-        every step, and each call costs the cold step time.)"""
-        entry = self._ft_options.get(id(group))
-        options = entry[1] if entry is not None and entry[0] is group else self.group_options(group)
-        return (options["backend"], options["master_weights"], options["stochastic_rounding"],
-                options["state_dtype"], group.get("differentiable"), *self._family_flags(group, options))
-
-    def _build_group(self, group, flags) -> GroupPlans:
-        if group.get("differentiable") or any(p.device.type == "meta" for p in group["params"]):
-            return GroupPlans(group, flags, [], [], [], torch_step=True)
-        buckets: dict[tuple, list] = {}
-        stateless, created, sparse = [], [], []
-        backends: dict = {}
-        options = self.group_options(group)
-        try:
-            for p in group["params"]:
-                if self._sparse_grads_ok and p.grad is not None and p.grad.is_sparse:
-                    sparse.append(p)  # NOTE [sparse grads]
-                    continue
-                state = self.state.get(p)
-                if own_state_empty(state):
-                    created.append(p)  # dropped below unless this build fills it
-                if self._needs_state(group, state):
-                    if p.grad is None:
-                        stateless.append(p)
-                        continue
-                    state = self._init_state(group, p)
-                if state or uses_master(options, p.dtype):
-                    normalise_state(p, self.state[p], options, backend_for(options, p.device, backends))
-                buckets.setdefault((p.device, p.dtype, is_dtensor(p)), []).append(p)
-            created = [p for p in created if not own_state_empty(self.state.get(p))]
-            entry = self._build_buckets(group, options, flags, buckets, stateless, backends)
-            entry.sparse = sparse
-        except BaseException:
-            self._forget_state([p for p in created if not own_state_empty(self.state.get(p))])
-            raise
-        entry.created = created
-        return entry
-
-    def _forget_state(self, params) -> None:
-        """A step that raises writes nothing: state entries it created go
-        again (the extras, NOTE [state-resident extras], stay)."""
-        for p in params:
-            state = self.state.get(p)
-            if state is None:
-                continue
-            extras = {k: v for k, v in state.items() if is_extra_key(k)}
-            if extras:
-                self.state[p] = extras
-            else:
-                self.state.pop(p, None)
-
-    def _build_buckets(self, group, options, flags, buckets, stateless, backends) -> GroupPlans:
-        plans, shards, real_views = [], [], []
-        index = None
-        rounding_on = rounds_stochastically(options)
-        if rounding_on:  # NOTE [stochastic rounding]: keyed by the index among all params
-            all_params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
-            index = {id(p): i for i, p in enumerate(all_params)}
-        for (device, dtype, sharded), params in buckets.items():
-            backend = backend_for(options, device, backends)
-            master = uses_master(options, dtype)
-            view = None
-            if dtype.is_complex:  # NOTE [complex params]
-                views = {id(p): torch.view_as_real(p.detach()) for p in params}
-                view = lambda t, views=views: views.get(id(t)) if id(t) in views else torch.view_as_real(t)  # noqa: E731
-                real_views += [(p, views[id(p)]) for p in params]
-            rounding = [index[id(p)] for p in params] if index is not None else None
-            plan = self._build_plan(backend, group, options, params, master, view or _same, rounding=rounding)
-            if self._ft_sampler is not None:
-                averages = [(view or _same)(a)
-                            for a in self._ft_sampler.averages_for(params, average_dtype(options, dtype))]
-                plan.set_averages(local_shards(averages) if sharded and backend != "reference" else averages)
-            if sharded and backend != "reference":
-                shards += [(p, p._local_tensor) for p in params]
-            plans.append(plan)
-        return GroupPlans(group, flags, plans, stateless, shards, real_views=real_views, rounding=rounding_on)
+            self._ft_engine.clear()
 
     # ---- the step -------------------------------------------------------
 
@@ -446,98 +312,21 @@ class FusedOptimizerMixin:
         if self._ft_sampler is not None:
             self._ft_sampler.sample_after_step()
 
-    def _eager_step(self, grad_scale, found_inf, retry_sparse: bool = True) -> None:
-        sampler = self._ft_sampler
-        entries = self._ft_cache.lookup(self)
-        shards, real_views = [], []
-        rounding = False
-        for entry in entries:  # one pass: this runs every step
-            if entry.torch_step:
-                self._torch_step()
-                return
-            rounding = rounding or entry.rounding
-            if entry.shards or entry.real_views:
-                shards += entry.shards
-                real_views += entry.real_views
-        if rounding:  # NOTE [stochastic rounding]: this step's key
-            self._ft_round_step += 1
-            self._ft_round_key = step_key(self.rounding_seed, self._ft_round_step)
+    def _options(self) -> list[dict]:
+        return [self.group_options(g) for g in self.param_groups]
+
+    def _plans(self):
+        """This step's plans (NOTE [plan cache]), cached or built."""
+        return self._ft_engine.plans(self.state, self.param_groups, self._options(), self._ft_sampler)
+
+    def _eager_step(self, grad_scale, found_inf) -> None:
+        if type(self.state) is not StateDict:  # a plain dict put in by hand: ours again
+            self.state = StateDict(self.state)
+        rounding = RoundingSteps(self.rounding_seed, self._ft_round_step)
         try:
-            if shards:
-                bind_shard_grads(shards)
-            if real_views:
-                bind_real_view_grads(real_views, type(self).__name__)
-            if len(entries) > 1 or len(entries[0].buckets) > 1 or entries[0].sparse:
-                # A bad grad in a later plan must not leave the earlier ones
-                # stepped: every plan is checked before any steps, but the one
-                # that steps first (when no sparse params go before it), whose
-                # own step checks before it writes.
-                sparse = any(entry.sparse for entry in entries)
-                first = not sparse
-                for entry in entries:
-                    for plan in entry.buckets:
-                        if first:
-                            first = False
-                            continue
-                        plan.check()
-                    if entry.sparse:
-                        self._check_sparse(entry.sparse)
-            avg_coef = sampler.begin_step() if sampler is not None else 0.0
-            try:
-                # The sparse params first: their torch ops are the only part of a
-                # step that can still fail once the plans have been checked.
-                for group, entry in zip(self.param_groups, entries):
-                    if entry.sparse:
-                        self._step_sparse(group, entry.sparse, grad_scale, found_inf, avg_coef)
-                for group, entry in zip(self.param_groups, entries):
-                    hyper = self._hyper(group)
-                    for plan in entry.buckets:
-                        self._step_plan(plan, hyper, grad_scale, found_inf, avg_coef)
-            except BaseException:
-                if sampler is not None:  # the plans check before writing: nothing was stepped
-                    sampler.cancel_step()
-                raise
-        except BaseException as exc:
-            # ... and the state this step created goes again (the plans are built anew next time).
-            for entry in entries:
-                self._forget_state(entry.created)
-            self._ft_cache.clear()
-            if rounding:
-                self._ft_round_step -= 1
-            # NOTE [sparse grads]: a param that had a dense grad when its plan was
-            # built has a sparse one now (its plan refused it, writing nothing);
-            # the plans, rebuilt as after any failed step, take it out of the
-            # fused step. Asked of the grads, not of the error's wording.
-            if not (retry_sparse and isinstance(exc, RuntimeError) and self._sparse_grads_ok and any(
-                    p.grad is not None and p.grad.is_sparse for g in self.param_groups for p in g["params"])):
-                raise
-            return self._eager_step(grad_scale, found_inf, retry_sparse=False)
+            done = self._ft_engine.step(self.state, self.param_groups, self._options(), grad_scale, found_inf,
+                                        grad_mul=self.grad_multiplier, rounding=rounding, sampler=self._ft_sampler)
         finally:
-            for _, view in shards + real_views:  # the params' grads own these: do not keep them alive
-                view.grad = None
-        for entry in entries:
-            entry.created = ()
-        if sampler is not None:
-            sampler.end_step(avg_coef, found_inf)
-
-    # NOTE [sparse grads]
-    # torch's SGD takes sparse gradients (nn.Embedding(sparse=True)). A family
-    # that does sets _sparse_grads_ok: params with a sparse grad are stepped
-    # outside the fused plans (_step_sparse), with torch's single-tensor
-    # formulas in torch ops, and the dense params of the group still take the
-    # fused step.
-    _sparse_grads_ok = False
-
-    def _check_sparse(self, params) -> None:
-        raise NotImplementedError
-
-    def _step_sparse(self, group, params, grad_scale, found_inf, avg_coef) -> None:
-        raise NotImplementedError
-
-    def _step_plan(self, plan, hyper, grad_scale, found_inf, avg_coef):
-        """The number of params stepped (-1: skipped by found_inf)."""
-        return plan.step(hyper, grad_scale, found_inf, avg_coef)
-
-
-def _same(t):
-    return t
+            self._ft_round_step = rounding.step
+        if not done:
+            self._torch_step()

@@ -1,5 +1,7 @@
-"""The plans of an optimizer (one per param group and device/dtype bucket),
-built once and reused until something they hold changes.
+"""The plan cache: an optimizer's group plans, kept until something they hold changes.
+
+One plan per param group and device/dtype bucket, built once (by
+fasttricks/optim/_engine.py) and reused.
 
 NOTE [plan cache]
 A plan holds references to its params and their state tensors (and, in C++,
@@ -37,25 +39,10 @@ from __future__ import annotations
 import torch
 
 from fasttricks import _backends
-from fasttricks.ops._plan import is_dtensor
+from fasttricks.ops.family import is_extra_key
 from fasttricks.ops.precision import state_dtype, uses_master
-from fasttricks.optim._tracked import ParamList, StateDict
 
 DEVICE_BACKENDS = ("triton", "cuda")
-
-
-def is_extra_key(key) -> bool:
-    """Whether a param's state entry is one the optimizer's own math never
-    reads: a sampler's average or counters, the stochastic-rounding counters
-    (NOTE [state-resident extras] in fasttricks/optim/_fused.py). Their names
-    hold a '/', which torch's own state keys never do."""
-    return isinstance(key, str) and "/" in key
-
-
-def own_state_empty(state) -> bool:
-    """Whether a param's state holds nothing of the optimizer's own (it may
-    hold extras: is_extra_key)."""
-    return not state or all(is_extra_key(k) for k in state)
 
 
 def normalise_state(p, state, options, backend: str) -> None:
@@ -123,8 +110,9 @@ class GroupPlans:
 
 
 class PlanCache:
-    """NOTE [plan cache]. `optimizer` supplies `_plan_flags(group)` and
-    `_build_group(group, flags) -> GroupPlans`."""
+    """NOTE [plan cache]: the group plans of one optimizer, valid while the
+    state container and its version are the ones they were built against
+    (fasttricks/optim/_engine.py looks them up and builds them)."""
 
     def __init__(self) -> None:
         self.groups: dict[int, GroupPlans] = {}
@@ -135,31 +123,22 @@ class PlanCache:
         self.groups = {}
         self.state = None
 
-    def lookup(self, optimizer) -> list[GroupPlans]:
-        state = optimizer.state
-        if type(state) is not StateDict:
-            state = optimizer.state = StateDict(state)
+    def follow(self, state) -> None:
+        """Forget every plan if `state` is not the container (or version) the plans were built against."""
         if state is not self.state or state.version.n != self.state_version:
             self.groups = {}
             self.state = state
-        entries = []
-        for group in optimizer.param_groups:
-            if type(group["params"]) is not ParamList:
-                group["params"] = ParamList(group["params"])
-            flags = optimizer._plan_flags(group)
-            entry = self.groups.get(id(group))
-            if entry is None or not entry.valid(group, flags):
-                entry = self.groups[id(group)] = optimizer._build_group(group, flags)
-            entries.append(entry)
+
+    def settled(self, entries) -> None:
+        """After a lookup: keep the groups still in the optimizer, and take the
+        builds' own state writes as the version the plans match."""
         if len(self.groups) != len(entries):  # groups that left the optimizer
             self.groups = {id(e.group): e for e in entries}
-        self.state_version = state.version.n  # the builds' own writes
-        return entries
+        self.state_version = self.state.version.n
 
-    def write_state(self, optimizer, writes) -> None:
+    def write_state(self, state, writes) -> None:
         """The optimizer's own state writes after a step, [(param, key, value)]:
         they change nothing the plans hold, so they keep the cache valid."""
-        state = optimizer.state
         in_sync = state is self.state and state.version.n == self.state_version
         for p, key, value in writes:
             state[p][key] = value
@@ -172,50 +151,3 @@ def backend_for(options, device, cache: dict) -> str:
     if device not in cache:
         cache[device] = _backends.resolve(options["backend"], device)
     return cache[device]
-
-
-# NOTE [DTensor shards]
-# DTensor params (FSDP2's fully_shard, tensor parallel) keep each rank's piece
-# in a plain local tensor. The fused plans run on those: the state tensors are
-# DTensors laid out like their params, so local shards line up element for
-# element, and the step is elementwise. Each step binds the local grad to the
-# local param for the C++/device plans to read, after checking that the grad
-# is placed like its param (a Partial grad would need a reduction first). The
-# plans are rebuilt if a param's local tensor is ever replaced.
-
-
-# NOTE [complex params]
-# torch steps a complex param as its real view (torch.view_as_real: the real
-# and imaginary parts as a trailing dimension of 2), with its grad and state
-# viewed the same way; Adam's g * g is then taken part by part, as torch does.
-# The plans run on those views (the state stays complex, as torch keeps it):
-# each step binds the real view of the param's grad to the param's real view,
-# for the C++ and device plans to read, and unbinds it afterwards. A param whose
-# memory was replaced (`p.data = ...`) gets a new view (GroupPlans.valid).
-
-
-def bind_real_view_grads(views, op: str) -> None:
-    for p, view in views:
-        g = p.grad
-        if g is not None:
-            if g.is_sparse:
-                raise RuntimeError(f"{op} does not support sparse gradients")
-            if g.dtype != p.dtype or g.shape != p.shape:
-                raise RuntimeError(f"{op}: gradient {g.dtype} {tuple(g.shape)} does not match the complex parameter "
-                                   f"{p.dtype} {tuple(p.shape)}")
-            g = torch.view_as_real(g)
-        view.grad = g
-
-
-def bind_shard_grads(shards) -> None:
-    for p, local in shards:
-        g = p.grad
-        if g is None:
-            local.grad = None
-            continue
-        if not is_dtensor(g) or g.placements != p.placements or g.device_mesh != p.device_mesh:
-            raise RuntimeError(
-                "fasttricks: a DTensor parameter's grad must be a DTensor placed like the parameter "
-                f"(param {p.placements}, grad {getattr(g, 'placements', type(g).__name__)}); "
-                "redistribute it or use backend='reference'")
-        local.grad = g._local_tensor

@@ -1,5 +1,6 @@
-"""Containers that count their own changes, so that the plan cache can tell in
-O(1) whether anything a user may edit through torch's public surface changed
+"""Containers that count their own changes, for the plan cache.
+
+With them the cache can tell in O(1) whether anything a user may edit through torch's public surface changed
 since the plans were built (NOTE [plan cache] in fasttricks/optim/_plan_cache.py).
 
 * `StateDict` is `optimizer.state`: a `defaultdict(dict)` whose per-param

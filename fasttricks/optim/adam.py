@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from fasttricks.ops.adam import AdamHyper, make_adam_plan
+from fasttricks.ops.adam import ADAM_FAMILY, ADAMW_FAMILY
 from fasttricks.optim._fused import FusedOptimizerMixin
-from fasttricks.optim._plan_cache import own_state_empty
 
 __all__ = ["Adam", "AdamW"]
 
@@ -37,49 +36,9 @@ _EXTRA_DOC = """
 """
 
 
-class _AdamFamily(FusedOptimizerMixin):
-    def _family_flags(self, group, options):
-        return group["amsgrad"], group.get("decoupled_weight_decay")
-
-    def _decoupled(self, group) -> bool:
-        return bool(group.get("decoupled_weight_decay", False))
-
-    def _needs_state(self, group, state) -> bool:
-        return own_state_empty(state)
-
-    def _init_state(self, group, p):
-        # torch's layout: "step" is a 0-dim float32 tensor, on the param's device
-        # off CPU as torch's fused/capturable Adam keeps it.
-        state = self.state[p]
-        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if p.device.type != "cpu" else "cpu")
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if group["amsgrad"]:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state
-
-    def _build_plan(self, backend, group, options, params, master, view, rounding):
-        """`view` maps a param or state tensor to what the plan steps (NOTE [complex params]);
-        `rounding`: the params' indices, keys of their stochastic rounding (None: off)."""
-        states = [self.state[p] for p in params]
-        if group["amsgrad"]:
-            for s in states:
-                if "max_exp_avg_sq" not in s:
-                    s["max_exp_avg_sq"] = torch.zeros_like(s["exp_avg_sq"])
-        slot = lambda name: [view(s[name]) for s in states]  # noqa: E731
-        return make_adam_plan(
-            backend, [view(p) for p in params], [s["step"] for s in states], slot("exp_avg"), slot("exp_avg_sq"),
-            slot("max_exp_avg_sq") if group["amsgrad"] else None, slot("master_param") if master else None,
-            amsgrad=bool(group["amsgrad"]), decoupled=self._decoupled(group), rounding=rounding)
-
-    def _hyper(self, group) -> AdamHyper:
-        beta1, beta2 = group["betas"]
-        return AdamHyper(group["lr"], float(beta1), float(beta2), group["eps"], group["weight_decay"],
-                         bool(group["maximize"]), self.grad_multiplier, self._ft_round_key)
-
-
-class Adam(_AdamFamily, torch.optim.Adam):
+class Adam(FusedOptimizerMixin, torch.optim.Adam):
     __doc__ = (torch.optim.Adam.__doc__ or "") + _EXTRA_DOC
+    _family = ADAM_FAMILY
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
@@ -91,8 +50,9 @@ class Adam(_AdamFamily, torch.optim.Adam):
         self._ft_init(backend, master_weights, stochastic_rounding, state_dtype, rounding_seed)
 
 
-class AdamW(_AdamFamily, torch.optim.AdamW):
+class AdamW(FusedOptimizerMixin, torch.optim.AdamW):
     __doc__ = (torch.optim.AdamW.__doc__ or "") + _EXTRA_DOC
+    _family = ADAMW_FAMILY
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
@@ -100,6 +60,3 @@ class AdamW(_AdamFamily, torch.optim.AdamW):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, foreach=foreach,
                          capturable=capturable, differentiable=differentiable, fused=fused)
         self._ft_init(backend, master_weights, stochastic_rounding, state_dtype, rounding_seed)
-
-    def _decoupled(self, group) -> bool:
-        return True

@@ -1,6 +1,8 @@
-"""The averages put to use: assigned into the params (the periodic methods'
-reassignment, SWA's end of training), swapped in for evaluation, exported as
-a model state dict, copied into another model. A part of WeightSampler
+"""The averages put to use: assigned, swapped in for evaluation, exported, copied.
+
+Assigned into the params (the periodic methods' reassignment, SWA's end of
+training), swapped in for evaluation, exported as a model state dict, copied
+into another model. A part of WeightSampler
 (fasttricks/sampling/_base.py), which keeps them up to date.
 """
 from __future__ import annotations

@@ -23,7 +23,7 @@ fasttricks/ops/host_flag.py); until then the averaged buffers take a
 coefficient masked on the device.
 
 The averages, counters and averaged buffers are optimizer state (NOTE
-[state-resident extras] in fasttricks/optim/_fused.py): whatever saves the
+[state-resident extras] in fasttricks/optim/state_extras.py): whatever saves the
 optimizer saves them, and loading it restores them (NOTE [sampler
 checkpoints] in fasttricks/sampling/_checkpoint.py).
 
@@ -40,7 +40,7 @@ from fasttricks._checks import check_int
 from fasttricks.ops.average import average_reference_
 from fasttricks.ops.host_flag import DeferredFlag
 from fasttricks.ops.precision import average_dtype
-from fasttricks.optim._fused import drop_extras, write_state
+from fasttricks.optim.state_extras import drop_extras, write_state
 from fasttricks.sampling._averages import AveragesInUse
 from fasttricks.sampling._checkpoint import SamplerCheckpoints, find_saved, sampler_key, samplers_of
 

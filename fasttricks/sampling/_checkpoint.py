@@ -1,6 +1,7 @@
-"""A sampler's checkpoints: its state as optimizer state, saved and restored
-with the optimizer (NOTE [sampler checkpoints] below), and its own
-state_dict(). A part of WeightSampler (fasttricks/sampling/_base.py).
+"""A sampler's checkpoints: its state as optimizer state, and its own state_dict().
+
+Saved and restored with the optimizer (NOTE [sampler checkpoints] below). A
+part of WeightSampler (fasttricks/sampling/_base.py).
 """
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ import itertools
 
 import torch
 
-from fasttricks.optim._fused import LEGACY_SAMPLER_STATE_KEY, anchor_param, write_state
-from fasttricks.optim._plan_cache import own_state_empty
+from fasttricks.optim.state_extras import LEGACY_SAMPLER_STATE_KEY, anchor_param, own_state_empty, write_state
 
 
 # NOTE [sampler checkpoints]
