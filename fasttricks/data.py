@@ -1,5 +1,6 @@
-"""Data for the demo: scikit-learn's bundled digits (embedded, no download) and
-CIFAR-10 from its python-pickle files on disk (no torchvision)."""
+"""Data for the demo: MNIST-1D generated locally, scikit-learn's bundled digits
+(both need no download) and CIFAR-10 from its python-pickle files on disk (no
+torchvision)."""
 from __future__ import annotations
 
 import pickle
@@ -8,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["load_digits", "load_cifar10", "Batches"]
+__all__ = ["load_mnist1d", "load_digits", "load_cifar10", "Batches"]
 
 
 def load_digits(test_fraction: float = 0.2, seed: int = 0):
@@ -20,6 +21,34 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0):
     x = torch.from_numpy(data.images.astype(np.float32) / 16.0).unsqueeze(1)
     y = torch.from_numpy(data.target.astype(np.int64))
     return _split(x, y, test_fraction, seed)
+
+
+def load_mnist1d(num_samples: int = 5000, seed: int = 42):
+    """(x_train, y_train, x_test, y_test): MNIST-1D (Greydanus, 2020) as
+    [N, 1, 40] float32, generated on the spot by the `mnist1d` package from its
+    ten templates (no download). The defaults are the package's own: 4,000
+    training and 1,000 test sequences, the published data set."""
+    import random
+
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as exc:  # an optional dependency (pip install fasttricks[demo])
+        raise ImportError("MNIST-1D needs the mnist1d package: pip install mnist1d==0.0.2.post1") from exc
+    args = get_dataset_args()
+    args.num_samples, args.seed = num_samples, seed
+    # The generator seeds numpy's and Python's global generators: leave them as they were.
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        data = make_dataset(args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+
+    def tensors(x, y):
+        return (torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).unsqueeze(1),
+                torch.from_numpy(np.asarray(y, dtype=np.int64)))
+
+    return (*tensors(data["x"], data["y"]), *tensors(data["x_test"], data["y_test"]))
 
 
 def _split(x, y, test_fraction, seed):

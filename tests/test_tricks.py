@@ -137,3 +137,22 @@ def test_resnet_variant_shapes():
     assert not any(isinstance(m, nn.MaxPool2d) for m in small.modules())
     with pytest.raises(ValueError, match="variant"):
         models.resnet18(variant="E")
+
+
+def test_resnet_in_one_dimension():
+    """dims=1: the same network from Conv1d/BatchNorm1d/pools, for sequences
+    such as MNIST-1D; zero gamma and the no-bias-decay groups find its layers."""
+    r1 = models.ResNet(models.BasicBlock, [1, 1, 1, 1], 10, variant="D", small_input=True, in_channels=1,
+                       base_width=16, dims=1, zero_gamma=True)
+    r2 = models.ResNet(models.BasicBlock, [1, 1, 1, 1], 10, variant="D", small_input=True, in_channels=1,
+                       base_width=16)
+    assert not any(isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) for m in r1.modules())
+    assert isinstance(r1.layer2[0].downsample[0], nn.AvgPool1d)
+    assert [type(m).__name__.replace("1d", "") for m in r1.modules()] == \
+        [type(m).__name__.replace("2d", "") for m in r2.modules()]  # the same network, layer for layer
+    assert all(float(b.last_norm.weight.abs().sum()) == 0 for b in r1.residual_blocks())
+    assert r1.eval()(torch.randn(2, 1, 40)).shape == (2, 10)
+    decay, no_decay = tricks.param_groups(r1, 5e-4)
+    assert all(p.dim() > 1 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    with pytest.raises(ValueError, match="dims"):
+        models.ResNet(models.BasicBlock, [1, 1, 1, 1], dims=3)
