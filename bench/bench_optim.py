@@ -7,7 +7,9 @@ weights against torch's upcast + fused + downcast; AdamW in each precision
 (fp32, bf16 + fp32 master, bf16 + stochastic rounding with fp32 or bf16
 moments, and bf16 rounded to nearest, the same bytes without the rounding's
 arithmetic; speedup against our bf16 + master step, with the bytes moved and
-held per param); the host overhead of a step on 161 and on 10,000
+held per param); AdamW with gradient clipping, torch's clip_grad_norm_ then
+its fused step against our clip folded into the step, plain, under a
+GradScaler and bf16 with master weights; the host overhead of a step on 161 and on 10,000
 one-element tensors (torch fused and foreach beside it). Rows go to
 bench/results/optim_<device>.json.
 """
@@ -60,6 +62,14 @@ def bytes_per_elem(case, impl=None):
         return PRECISION_BYTES[impl][0]
     if case == "adamw_amp":  # the scaler's own unscale reads and writes every grad once more
         return 28 if impl == "fasttricks_fused_unscale" else 36
+    # Clipping: the norm reads the grads (4 B); torch's clip also reads and writes
+    # them (8 B), and under AMP the scaler's unscale_ once more (8 B).
+    if case == "adamw_clip":
+        return 32 if impl == "fasttricks" else 40
+    if case == "adamw_clip_amp":
+        return 32 if impl == "fasttricks_fused_unscale" else 48
+    if case == "adamw_bf16_master_clip":  # bf16 grad read by the norm (2 B) and the step; torch: its fp32 copy
+        return 30 if impl == "fasttricks" else 28 + 6 + 4 + 8 + 6
     return {"adamw": 28, "sgd_momentum": 20, "sgd_nesterov": 20, "adamw_bf16_master": 28}[case]
 
 
@@ -159,6 +169,70 @@ def opt_cases(device):
         "torch_fused": under_scaler(lambda ps: torch.optim.AdamW(ps, fused=True, **adam)),
     }
 
+    # Gradient clipping (NOTE [clip in the step]): torch's clip_grad_norm_(foreach)
+    # then its fused step, against our norm with the clip folded into the step.
+    clip = 1.0
+
+    def torch_clip(amp):
+        def factory(shapes):
+            params = make(shapes, device)
+            opt = torch.optim.AdamW(params, fused=True, **adam)
+            if not amp:
+                def step():
+                    torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+                    opt.step()
+                return step
+            scaler = torch.amp.GradScaler(torch.device(device).type, init_scale=1.0, growth_interval=2**30)
+            scaler.scale(torch.ones((), device=device))
+
+            def step():
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+                scaler.step(opt)
+                scaler.update()
+            return step
+        return factory
+
+    def ours_clip(amp, dtype=torch.float32, **kw):
+        def factory(shapes):
+            params = make(shapes, device, dtype)
+            opt = fo.AdamW(params, fused=amp, **adam, **kw)
+            if not amp:
+                def step():
+                    opt.clip_grad_norm_(clip)
+                    opt.step()
+                return step
+            scaler = torch.amp.GradScaler(torch.device(device).type, init_scale=1.0, growth_interval=2**30)
+            scaler.scale(torch.ones((), device=device))
+
+            def step():
+                opt.clip_grad_norm_(clip)  # no unscale_: the fused unscale divides the scale out in the step
+                scaler.step(opt)
+                scaler.update()
+            return step
+        return factory
+
+    def torch_upcast_clip(shapes):
+        low = make(shapes, device, torch.bfloat16)
+        master = [p.detach().float().requires_grad_() for p in low]
+        for m in master:
+            m.grad = torch.empty_like(m)
+        opt = torch.optim.AdamW(master, fused=True, **adam)
+        low_grads, master_grads = [p.grad for p in low], [m.grad for m in master]
+        low_data = [p.detach() for p in low]
+
+        def step():
+            torch._foreach_copy_(master_grads, low_grads)
+            torch.nn.utils.clip_grad_norm_(master, clip, foreach=True)
+            opt.step()
+            torch._foreach_copy_(low_data, master)
+        return step
+
+    cases["adamw_clip"] = {"fasttricks": ours_clip(False), "torch_fused": torch_clip(False)}
+    cases["adamw_clip_amp"] = {"fasttricks_fused_unscale": ours_clip(True), "torch_fused": torch_clip(True)}
+    cases["adamw_bf16_master_clip"] = {"fasttricks": ours_clip(False, torch.bfloat16, master_weights=True),
+                                       "torch_upcast_fused": torch_upcast_clip}
+
     def ours_precision(dtype, **kw):
         return lambda shapes: fo.AdamW(make(shapes, device, dtype), **adam, **kw).step
 
@@ -183,7 +257,8 @@ def main(argv=None):
     ap.add_argument("--sets", default=None, help=f"comma-separated subset of {','.join(SHAPE_SETS)}")
     ap.add_argument("--cases", default=None, type=lambda s: s.split(","),
                     help="comma-separated subset of the cases (adamw, sgd_momentum, sgd_nesterov, "
-                         "adamw_bf16_master, adamw_precision)")
+                         "adamw_bf16_master, adamw_amp, adamw_clip, adamw_clip_amp, adamw_bf16_master_clip, "
+                         "adamw_precision)")
     add_save_flag(ap)
     args = ap.parse_args(argv)
     device = args.device

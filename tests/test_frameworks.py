@@ -91,6 +91,28 @@ def test_lightning_clips_gradients_under_mixed_precision(tmp_path, precision):
     assert_params(runs["ours"], runs["torch"], exact=False)
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_lightning_configure_gradient_clipping_with_our_fused_clip(tmp_path, precision):
+    """configure_gradient_clipping calls opt.clip_grad_norm_ (the clip folded
+    into the step, NOTE [clip in the step]): the same run as Lightning's own
+    gradient_clip_val with torch.optim.AdamW."""
+    pl = lightning()
+    runs = {}
+    for name in ("ours", "torch"):
+        module = lit_module((lambda ps: fo.AdamW(ps, lr=1e-2)) if name == "ours"
+                            else (lambda ps: torch.optim.AdamW(ps, lr=1e-2)))
+        if name == "ours":
+            def configure_gradient_clipping(optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+                optimizer.clip_grad_norm_(0.05)
+
+            module.configure_gradient_clipping = configure_gradient_clipping
+        kw = {} if name == "ours" else {"gradient_clip_val": 0.05}
+        trainer(tmp_path, max_epochs=2, precision=precision, **kw).fit(module)
+        runs[name] = list(module.parameters())
+    assert pl is not None
+    assert_params(runs["ours"], runs["torch"], exact=False)
+
+
 def test_lightning_16_mixed_plugin_clips_with_ours():
     pl = lightning()
     from lightning.pytorch.plugins.precision import MixedPrecision

@@ -167,8 +167,8 @@ def _model():
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton backend (the device path)")
-@pytest.mark.parametrize("family", ["AdamW", "SGD"])
-def test_a_training_step_reads_nothing_on_the_host(family):
+@pytest.mark.parametrize("family, clip", [("AdamW", False), ("SGD", False), ("AdamW", True)])
+def test_a_training_step_reads_nothing_on_the_host(family, clip):
     model = _model()
     lr = torch.tensor(0.01)  # a tensor lr on the params' device
     if family == "AdamW":
@@ -191,6 +191,8 @@ def test_a_training_step_reads_nothing_on_the_host(family):
             loss = soft_target_cross_entropy(logits, target)
             opt.zero_grad()
             scaler.scale(loss * (float("inf") if k == 2 else 1.0)).backward()  # step 2 overflows
+            if clip:  # NOTE [clip in the step]: the norm now, the clip in the step
+                opt.clip_grad_norm_(0.5)
             scaler.step(opt)
             scaler.update()
         found += [f"step {k}: {f}" for f in syncs.found]

@@ -51,7 +51,8 @@ import torch
 from fasttricks import _backends
 from fasttricks.ops.family import Family
 from fasttricks.ops.precision import check_precision_options, rounds_stochastically, state_dtype, uses_master
-from fasttricks.optim import _compat, _compiled
+from fasttricks.ops._plan import is_dtensor
+from fasttricks.optim import _clip, _compat, _compiled
 from fasttricks.optim._engine import RoundingSteps, StepEngine
 from fasttricks.optim._tracked import StateDict, plain
 from fasttricks.optim.state_extras import (LEGACY_ROUNDING_STATE_KEY, LEGACY_SAMPLER_STATE_KEY, ROUNDING_SEED_KEY,
@@ -104,6 +105,7 @@ class FusedOptimizerMixin:
         # scale here; 1.0 means off.
         self.grad_multiplier = 1.0
         self._ft_sampler = None  # NOTE [fused weight averaging]
+        self._ft_clip = None  # NOTE [clip in the step] in _clip.py
         _compiled.register(self)  # NOTE [compiled step]
 
     # ---- per-group options (NOTE [group options]) ------------------------------
@@ -277,6 +279,38 @@ class FusedOptimizerMixin:
             self._ft_sampler = None
             self._ft_engine.clear()
 
+    # ---- clipping (NOTE [clip in the step] in _clip.py) -----------------------
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                        foreach: bool | None = None, inplace: bool = False) -> torch.Tensor:
+        """Clip the gradient norm of all params, as torch.nn.utils.clip_grad_norm_
+        over this optimizer's params, folded into the next step: returns the
+        total norm (a 0-dim tensor, no host sync); the next step scales the
+        grads by min(1, max_norm / norm) inside its kernels and skips when the
+        norm is not finite. `inplace=True` rewrites the grads now, as torch does."""
+        max_norm = float(max_norm)
+        if not max_norm >= 0.0:
+            raise ValueError(f"max_norm must be >= 0, got {max_norm}")
+        grads = _clip.grads_of(self.param_groups)
+        if not grads:
+            self._ft_clip = None
+            return torch.tensor(0.0)
+        norm = _clip.total_norm_of(grads, norm_type, error_if_nonfinite, foreach)
+        # In place where the step cannot take it as a scale: DTensor or sparse
+        # grads, grads on several devices, a step torch takes itself.
+        if (inplace or len({g.device for g in grads}) > 1 or any(g.is_sparse or is_dtensor(g) for g in grads)
+                or any(group.get("differentiable") for group in self.param_groups)):
+            torch.nn.utils.clip_grads_with_norm_([p for g in self.param_groups for p in g["params"]],
+                                                 max_norm, norm, foreach)
+            self._ft_clip = None
+        else:
+            self._ft_clip = _clip.PendingClip(norm, max_norm)
+        return norm
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._ft_clip = None  # a clip applies to the grads it measured
+        super().zero_grad(set_to_none)
+
     # ---- the step -------------------------------------------------------
 
     def step(self, closure=None):
@@ -297,12 +331,16 @@ class FusedOptimizerMixin:
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        clip = self.__dict__.get("_ft_clip")
+        if clip is not None:  # NOTE [clip in the step]
+            grad_scale, found_inf = clip.fold(grad_scale, found_inf)
         if not torch.compiler.is_compiling():
             self._eager_step(grad_scale, found_inf)
         elif any(group.get("differentiable") for group in self.param_groups):
             self._torch_step()  # traced as torch's own step
         else:
             _compiled.step(self, grad_scale, found_inf)  # NOTE [compiled step]: one custom op
+        self._ft_clip = None
         return loss
 
     def _torch_step(self) -> None:
