@@ -305,10 +305,18 @@ class _StepTimer:
 _WORKER_DATA = None  # a worker process's copy of the data (run_demo with jobs > 1)
 
 
-def _worker_init(data, threads: int) -> None:
+def _worker_init(data, threads: int, parent: int) -> None:
     global _WORKER_DATA
     torch.set_num_threads(threads)
     _WORKER_DATA = data
+    import threading
+
+    def exit_with_parent():  # a parent killed outright (SIGKILL, SIGTERM) leaves no orphans training
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=exit_with_parent, daemon=True).start()
 
 
 def _worker_train(recipe: str, seed: int, cfg: DemoConfig) -> dict:
@@ -385,7 +393,7 @@ def run_demo(cfg: DemoConfig, command: str | None = None, data=None) -> dict:
             # spawn: a forked child of a process whose torch already runs threads can hang.
             pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                           initializer=_worker_init,
-                                          initargs=(data, max(1, torch.get_num_threads() // workers)))
+                                          initargs=(data, max(1, torch.get_num_threads() // workers), os.getpid()))
             pending = {pool.submit(_worker_train, recipe, seed, cfg): (recipe, seed) for recipe, seed in jobs}
             for future in cf.as_completed(pending):
                 try:
