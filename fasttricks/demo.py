@@ -83,7 +83,7 @@ class DemoConfig:
     data: str = "mnist1d"
     data_dir: str | None = None
     epochs: int = 30
-    seeds: int = 8  # enough for a paired 95% interval of about +-0.5 points here (docs/demo.md)
+    seeds: int = 8  # paired 95% intervals of +-0.2 to +-1 points on the default data (docs/demo.md)
     batch_size: int = 64
     lr: float = 0.05
     weight_decay: float = 5e-4
