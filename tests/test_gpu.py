@@ -183,6 +183,54 @@ def test_a_training_step_never_syncs(backend):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_clip_in_the_step_on_cuda(backend):
+    """NOTE [clip in the step]: opt.clip_grad_norm_ then the step equals torch's
+    clip_grad_norm_ then torch's AdamW, and under the fused unscale a clipped
+    AMP step (with one overflow) runs under set_sync_debug_mode("error")."""
+    torch.manual_seed(0)
+    ours = make_params(GPU_SHAPES, torch.float32, device=CUDA)
+    theirs = clone_params(ours)
+    opt = fo.AdamW(ours, lr=1e-2, weight_decay=0.1, backend=backend)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1)
+    for k in range(3):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        norm = opt.clip_grad_norm_(0.5)
+        torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(theirs, 0.5))
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6)
+
+    model = torch.nn.Linear(64, 10).to(CUDA)
+    opt = fo.AdamW(model.parameters(), lr=1e-3, backend=backend, fused=True)
+    scaler = torch.amp.GradScaler("cuda")
+
+    def step(overflow=False):
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = model(torch.randn(16, 64, device=CUDA)).float().square().mean()
+        opt.zero_grad()
+        scaler.scale(loss * (float("inf") if overflow else 1.0)).backward()
+        opt.clip_grad_norm_(1.0)
+        scaler.step(opt)
+        scaler.update()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    before = [p.detach().clone() for p in model.parameters()]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(overflow=True)
+        after_overflow = [p.detach().clone() for p in model.parameters()]
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(torch.equal(a, b) for a, b in zip(after_overflow, before))
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_fused_ema_equals_averaged_model_on_cuda(backend):
     params = make_params(GPU_SHAPES, torch.float32, device=CUDA)
     opt = fo.SGD(params, lr=0.05, momentum=0.9, backend=backend)
