@@ -105,7 +105,10 @@ class FusedOptimizerMixin:
         # scale here; 1.0 means off.
         self.grad_multiplier = 1.0
         self._ft_sampler = None  # NOTE [fused weight averaging]
-        self._ft_clip = None  # NOTE [clip in the step] in _clip.py
+        # NOTE [clip in the step] in _clip.py: the pending clip, 0 or 1 of them. A
+        # list mutated in place: a compiled step may not set attributes on the
+        # optimizer under torch 2.11's dynamo.
+        self._ft_clip = []
         _compiled.register(self)  # NOTE [compiled step]
 
     # ---- per-group options (NOTE [group options]) ------------------------------
@@ -248,6 +251,7 @@ class FusedOptimizerMixin:
         self.__dict__.setdefault("_ft_sampler", None)
         self.__dict__.setdefault("rounding_seed", 0)
         self.__dict__.setdefault("_ft_round_step", 0)
+        self.__dict__.setdefault("_ft_clip", [])
         if "_step_supports_amp_scaling" not in self.__dict__:  # NOTE [found_inf contract]: torch's pickling forgets it
             self._step_supports_amp_scaling = any(bool(g.get("fused")) for g in self.param_groups)
         if "_ft_compile_id" not in self.__dict__:  # a copy or an unpickled optimizer
@@ -292,8 +296,8 @@ class FusedOptimizerMixin:
         if not max_norm >= 0.0:
             raise ValueError(f"max_norm must be >= 0, got {max_norm}")
         grads = _clip.grads_of(self.param_groups)
+        self._ft_clip.clear()
         if not grads:
-            self._ft_clip = None
             return torch.tensor(0.0)
         norm = _clip.total_norm_of(grads, norm_type, error_if_nonfinite, foreach)
         # In place where the step cannot take it as a scale: DTensor or sparse
@@ -302,13 +306,12 @@ class FusedOptimizerMixin:
                 or any(group.get("differentiable") for group in self.param_groups)):
             torch.nn.utils.clip_grads_with_norm_([p for g in self.param_groups for p in g["params"]],
                                                  max_norm, norm, foreach)
-            self._ft_clip = None
         else:
-            self._ft_clip = _clip.PendingClip(norm, max_norm)
+            self._ft_clip.append(_clip.PendingClip(norm, max_norm))
         return norm
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self._ft_clip = None  # a clip applies to the grads it measured
+        self._ft_clip.clear()  # a clip applies to the grads it measured
         super().zero_grad(set_to_none)
 
     # ---- the step -------------------------------------------------------
@@ -331,16 +334,17 @@ class FusedOptimizerMixin:
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        clip = self.__dict__.get("_ft_clip")
-        if clip is not None:  # NOTE [clip in the step]
-            grad_scale, found_inf = clip.fold(grad_scale, found_inf)
+        pending = self._ft_clip
+        if pending:  # NOTE [clip in the step]
+            grad_scale, found_inf = pending[0].fold(grad_scale, found_inf)
         if not torch.compiler.is_compiling():
             self._eager_step(grad_scale, found_inf)
         elif any(group.get("differentiable") for group in self.param_groups):
             self._torch_step()  # traced as torch's own step
         else:
             _compiled.step(self, grad_scale, found_inf)  # NOTE [compiled step]: one custom op
-        self._ft_clip = None
+        if pending:
+            pending.clear()
         return loss
 
     def _torch_step(self) -> None:
