@@ -150,7 +150,7 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(Tables tb, SgdArgs a) {
   }
 }
 
-// The (param, state) dtype pairs, as csrc/cpu/multi_tensor.h's dispatch_dtypes.
+// The (param, state) dtype pairs, as csrc/cpu/dispatch.h's dispatch_dtypes.
 template <typename F>
 bool dispatch_dtypes(DType p, DType s, const F& f) {
   using BF = __nv_bfloat16;
