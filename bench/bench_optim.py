@@ -115,8 +115,9 @@ def opt_cases(device):
     def ours_master(shapes):
         return fo.AdamW(make(shapes, device, torch.bfloat16), master_weights=True, **adam).step
 
-    def torch_upcast(shapes):
-        """torch's recipe: fp32 copies, upcast grads, fused step, downcast params."""
+    def torch_upcast(shapes, clip=None):
+        """torch's recipe: fp32 copies, upcast grads, (clip_grad_norm_ on the
+        copies,) fused step, downcast params."""
         low = make(shapes, device, torch.bfloat16)
         master = [p.detach().float().requires_grad_() for p in low]
         for m in master:
@@ -127,6 +128,8 @@ def opt_cases(device):
 
         def step():
             torch._foreach_copy_(master_grads, low_grads)
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(master, clip, foreach=True)
             opt.step()
             torch._foreach_copy_(low_data, master)
         return step
@@ -147,15 +150,19 @@ def opt_cases(device):
     cases["sgd_two_groups"] = {"fasttricks": two_groups(fo.SGD, **sgd_m),
                                "torch_fused": two_groups(torch.optim.SGD, fused=True, **sgd_m)}
 
-    def under_scaler(make_opt):
-        """scaler.step + update, as a GradScaler training loop runs them. Scale 1
-        (never grown), so that the unscale rewrites the grads with their own values."""
+    def under_scaler(make_opt, before_step=None):
+        """scaler.step + update, as a GradScaler training loop runs them, after
+        before_step(params, opt, scaler) if given. Scale 1 (never grown), so that
+        the unscale rewrites the grads with their own values."""
         def factory(shapes):
-            opt = make_opt(make(shapes, device))
+            params = make(shapes, device)
+            opt = make_opt(params)
             scaler = torch.amp.GradScaler(torch.device(device).type, init_scale=1.0, growth_interval=2**30)
             scaler.scale(torch.ones((), device=device))  # the scaler makes its scale on first use
 
             def step():
+                if before_step is not None:
+                    before_step(params, opt, scaler)
                 scaler.step(opt)
                 scaler.update()
             return step
@@ -173,65 +180,33 @@ def opt_cases(device):
     # then its fused step, against our norm with the clip folded into the step.
     clip = 1.0
 
-    def torch_clip(amp):
-        def factory(shapes):
-            params = make(shapes, device)
-            opt = torch.optim.AdamW(params, fused=True, **adam)
-            if not amp:
-                def step():
-                    torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
-                    opt.step()
-                return step
-            scaler = torch.amp.GradScaler(torch.device(device).type, init_scale=1.0, growth_interval=2**30)
-            scaler.scale(torch.ones((), device=device))
+    def torch_clip(params, opt, scaler=None):
+        if scaler is not None:
+            scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
 
-            def step():
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
-                scaler.step(opt)
-                scaler.update()
-            return step
-        return factory
+    def ours_clip(params, opt, scaler=None):
+        opt.clip_grad_norm_(clip)  # under a scaler, no unscale_: the fused unscale divides the scale out in the step
 
-    def ours_clip(amp, dtype=torch.float32, **kw):
+    def clipped(make_opt, clip_fn, dtype=torch.float32):
         def factory(shapes):
             params = make(shapes, device, dtype)
-            opt = fo.AdamW(params, fused=amp, **adam, **kw)
-            if not amp:
-                def step():
-                    opt.clip_grad_norm_(clip)
-                    opt.step()
-                return step
-            scaler = torch.amp.GradScaler(torch.device(device).type, init_scale=1.0, growth_interval=2**30)
-            scaler.scale(torch.ones((), device=device))
+            opt = make_opt(params)
 
             def step():
-                opt.clip_grad_norm_(clip)  # no unscale_: the fused unscale divides the scale out in the step
-                scaler.step(opt)
-                scaler.update()
+                clip_fn(params, opt)
+                opt.step()
             return step
         return factory
 
-    def torch_upcast_clip(shapes):
-        low = make(shapes, device, torch.bfloat16)
-        master = [p.detach().float().requires_grad_() for p in low]
-        for m in master:
-            m.grad = torch.empty_like(m)
-        opt = torch.optim.AdamW(master, fused=True, **adam)
-        low_grads, master_grads = [p.grad for p in low], [m.grad for m in master]
-        low_data = [p.detach() for p in low]
-
-        def step():
-            torch._foreach_copy_(master_grads, low_grads)
-            torch.nn.utils.clip_grad_norm_(master, clip, foreach=True)
-            opt.step()
-            torch._foreach_copy_(low_data, master)
-        return step
-
-    cases["adamw_clip"] = {"fasttricks": ours_clip(False), "torch_fused": torch_clip(False)}
-    cases["adamw_clip_amp"] = {"fasttricks_fused_unscale": ours_clip(True), "torch_fused": torch_clip(True)}
-    cases["adamw_bf16_master_clip"] = {"fasttricks": ours_clip(False, torch.bfloat16, master_weights=True),
-                                       "torch_upcast_fused": torch_upcast_clip}
+    cases["adamw_clip"] = {"fasttricks": clipped(lambda ps: fo.AdamW(ps, **adam), ours_clip),
+                           "torch_fused": clipped(lambda ps: torch.optim.AdamW(ps, fused=True, **adam), torch_clip)}
+    cases["adamw_clip_amp"] = {
+        "fasttricks_fused_unscale": under_scaler(lambda ps: fo.AdamW(ps, fused=True, **adam), ours_clip),
+        "torch_fused": under_scaler(lambda ps: torch.optim.AdamW(ps, fused=True, **adam), torch_clip)}
+    cases["adamw_bf16_master_clip"] = {
+        "fasttricks": clipped(lambda ps: fo.AdamW(ps, master_weights=True, **adam), ours_clip, torch.bfloat16),
+        "torch_upcast_fused": lambda shapes: torch_upcast(shapes, clip)}
 
     def ours_precision(dtype, **kw):
         return lambda shapes: fo.AdamW(make(shapes, device, dtype), **adam, **kw).step

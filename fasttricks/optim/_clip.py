@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["PendingClip", "total_norm_of"]
+__all__ = ["PendingClip", "grads_of"]
 
 
 class PendingClip:
@@ -47,7 +47,3 @@ class PendingClip:
 
 def grads_of(param_groups) -> list[torch.Tensor]:
     return [p.grad for group in param_groups for p in group["params"] if p.grad is not None]
-
-
-def total_norm_of(grads, norm_type, error_if_nonfinite: bool, foreach) -> torch.Tensor:
-    return torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite, foreach)

@@ -299,7 +299,7 @@ class FusedOptimizerMixin:
         self._ft_clip.clear()
         if not grads:
             return torch.tensor(0.0)
-        norm = _clip.total_norm_of(grads, norm_type, error_if_nonfinite, foreach)
+        norm = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite, foreach)
         # In place where the step cannot take it as a scale: DTensor or sparse
         # grads, grads on several devices, a step torch takes itself.
         if (inplace or len({g.device for g in grads}) > 1 or any(g.is_sparse or is_dtensor(g) for g in grads)
