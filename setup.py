@@ -19,6 +19,8 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 INCLUDE = [os.path.join(ROOT, "csrc", "include")]
+# The CPU extension also includes its own folders by name (csrc/host/plans.h as "host/plans.h").
+CPU_INCLUDE = INCLUDE + [os.path.join(ROOT, "csrc")]
 
 # ATen's vector types pick their ISA from CPU_CAPABILITY_*. The baseline module (no
 # define) is plain x86-64 / aarch64 code and runs everywhere.
@@ -99,8 +101,10 @@ def extensions():
     exts = [
         cpp_extension.CppExtension(
             CPU_ISAS[isa][0],
-            sorted(glob.glob("csrc/cpu/*.cpp")),
-            include_dirs=INCLUDE,
+            # csrc/host: the host plumbing (tensor table, plans, device pointer table);
+            # csrc/cpu: the kernels and the bindings.
+            sorted(glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/host/*.cpp")),
+            include_dirs=CPU_INCLUDE,
             # -fopenmp: at::parallel_for is inlined here; it links torch's own libgomp.
             # -ffp-contract=off: no a*b + c*d contracted into an FMA where -mfma allows it, so
             # every ISA variant rounds as the reference does (docs/precision.md).

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from fasttricks import models, sampling, schedules, tricks
-from fasttricks.data import Batches, load_cifar10, load_digits, load_mnist1d
+from fasttricks.data import Batches, load_data_set
 from fasttricks.demo_report import stability, summarise, write_report
 from fasttricks.losses import soft_target_cross_entropy
 from fasttricks.mixup import Mixup
@@ -94,47 +94,17 @@ class DemoConfig:
     bn_fraction: float = 0.2
     progress: bool = True
     jobs: int | None = None  # runs at a time; None: default_jobs()
-    train_size: int | None = None  # training examples, equal per class; None: DEFAULT_TRAIN_SIZE or all
+    train_size: int | None = None  # training examples, equal per class; None: data.DEFAULT_TRAIN_SIZE or all
 
     @classmethod
     def quick_config(cls, **kw) -> "DemoConfig":
         return cls(**{"epochs": 8, "seeds": 2, "quick": True, **kw})
 
 
-DATA_SETS = ("mnist1d", "digits", "cifar10")
-# MNIST-1D's 4,000 training sequences take the demo's ResNet to 99.4% and
-# leave the recipes nothing to separate; 1,000 (100 per class) leave about 5%
-# of the test set to win or lose (docs/tricks.md, the data chosen by measurement).
-DEFAULT_TRAIN_SIZE = {"mnist1d": 1000}
-
-
 def load_data(cfg: DemoConfig):
-    if cfg.data == "mnist1d":
-        data = load_mnist1d()
-    elif cfg.data == "digits":
-        data = load_digits()
-    elif cfg.data == "cifar10":
-        if not cfg.data_dir:
-            raise ValueError("--data cifar10 needs --data-dir (the folder with cifar-10-batches-py)")
-        data = load_cifar10(cfg.data_dir)
-    else:
-        raise ValueError(f"unknown data set {cfg.data!r} (one of {', '.join(DATA_SETS)})")
-    size = cfg.train_size or DEFAULT_TRAIN_SIZE.get(cfg.data)
-    return data if size is None else (*balanced_subset(data[0], data[1], size), *data[2:])
-
-
-def balanced_subset(x, y, size: int):
-    """The first size // classes examples of each class, in their order (the
-    rest of `size` from the classes in turn)."""
-    classes = int(y.max()) + 1
-    if not classes <= size <= len(y):
-        raise ValueError(f"train_size must be between the number of classes ({classes}) and {len(y)}, got {size}")
-    per_class = [torch.nonzero(y == c).flatten() for c in range(classes)]
-    take = [size // classes + (c < size % classes) for c in range(classes)]
-    if any(n > len(idx) for n, idx in zip(take, per_class)):
-        raise ValueError(f"train_size {size}: some class has fewer than {max(take)} examples")
-    keep = torch.sort(torch.cat([idx[:n] for n, idx in zip(take, per_class)])).values
-    return x[keep], y[keep]
+    """(x_train, y_train, x_test, y_test) of the config's data set, its training
+    part cut to `train_size` (fasttricks/data.py:load_data_set)."""
+    return load_data_set(cfg.data, cfg.data_dir, cfg.train_size)
 
 
 def build_model(cfg: DemoConfig, in_channels: int, num_classes: int, zero_gamma: bool):

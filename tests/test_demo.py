@@ -151,7 +151,7 @@ def test_bf16_recipes_train_with_bf16_momentum():
 def test_balanced_subset_takes_the_first_of_each_class_in_order():
     import torch
 
-    from fasttricks.demo import balanced_subset
+    from fasttricks.data import balanced_subset
 
     y = torch.tensor([0, 1, 0, 2, 1, 0, 2, 2, 1, 0])
     x = torch.arange(10).float()

@@ -5,7 +5,7 @@ A NOTE is defined by a line that holds only `NOTE [name]` (after the
 comment marker, the docstring quotes or a markdown heading's hashes),
 followed by its text; any other
 `NOTE [name]` is a citation. A cited file is a path with a directory and an
-extension (`fasttricks/ops/rounding.py`, `csrc/cpu/plans.h`); it is looked
+extension (`fasttricks/ops/rounding.py`, `csrc/host/plans.h`); it is looked
 up from the repository root, from `fasttricks/` (the package's own
 relative names) and from `csrc/include/` (the C++ include paths).
 """
@@ -110,5 +110,5 @@ def test_the_scanner_tells_definitions_from_citations():
     assert DEFINITION.match("## NOTE [pointer table]")
     assert not DEFINITION.match("# NOTE [sparse grads]: the family steps") and not DEFINITION.match(
         "    (NOTE [plan cache] in fasttricks/optim/_plan_cache.py)")
-    assert CITED_FILE.findall("see csrc/cpu/plans.h and fasttricks/ops/rounding.py.") == \
-        ["csrc/cpu/plans.h", "fasttricks/ops/rounding.py"]
+    assert CITED_FILE.findall("see csrc/host/plans.h and fasttricks/ops/rounding.py.") == \
+        ["csrc/host/plans.h", "fasttricks/ops/rounding.py"]

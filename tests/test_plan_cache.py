@@ -256,6 +256,85 @@ def test_a_failed_launch_gives_the_step_counts_back():
     assert all(float(s) == 4.0 for s in steps)
 
 
+def _binding_keywords(source: str, function: str) -> set[str]:
+    """The keyword names a function of csrc/cuda/bindings.cpp reads (k.get / k.scalar)."""
+    body = re.search(rf"\n[\w:]+ {function}\(.*?\n}}\n", source, re.S).group(0)
+    return set(re.findall(r'k\.(?:get<[^>]+>|scalar)\("(\w+)"\)', body))
+
+
+@pytest.mark.skipif(not (ROOT / "csrc").is_dir(), reason="needs the source checkout")
+@pytest.mark.parametrize("family", ["adam", "sgd"])
+def test_cuda_launch_passes_the_keywords_the_binding_reads(family, monkeypatch):
+    """The CUDA binding takes everything after the table by keyword and raises
+    on a missing or unread one; without a GPU, the names the Python launch
+    passes are held equal here to those bindings.cpp reads."""
+    from fasttricks.ops import adam as ops_adam, sgd as ops_sgd
+    source = (ROOT / "csrc" / "cuda" / "bindings.cpp").read_text()
+    expected = _binding_keywords(source, "step_args") | _binding_keywords(source, f"{family}_step")
+    calls = []
+
+    class FakeCudaExt:
+        def __getattr__(self, name):
+            return lambda *table, **kw: calls.append((name, table, kw))
+
+    monkeypatch.setattr(_backends, "cuda_ext", lambda: FakeCudaExt())
+    params = [torch.randn(5).requires_grad_()]
+    params[0].grad = torch.randn(5)
+    zeros = lambda: [torch.zeros_like(p) for p in params]  # noqa: E731
+    if family == "adam":
+        plan = DeviceAdamPlan(params, [torch.zeros(())], zeros(), zeros(), None, None, amsgrad=False,
+                              decoupled=True, launch=ops_adam.CUDA_LAUNCH)
+        hyper = AdamHyper(torch.tensor(1e-3), 0.9, 0.999, 1e-8, 0.01)
+    else:
+        plan = ops_sgd.DeviceSgdPlan(params, zeros(), None, [True], nesterov=True, decoupled=False,
+                                     launch=ops_sgd.CUDA_LAUNCH)
+        hyper = SgdHyper(0.1, 0.01, 0.9, 0.0)
+    plan.step(hyper, torch.ones(()), torch.zeros(()), 0.5)
+    (name, table, kw), = calls
+    assert name == f"{family}_step" and len(table) == 5 and table[4] == 1
+    assert set(kw) == expected
+    assert torch.is_tensor(kw["lr_tensor"]) == (family == "adam") and kw["avg_coef"] == 0.5
+
+
+@pytest.mark.skipif(_backends.cpu_ext() is None, reason="CPU extension not built")
+def test_device_table_packs_and_refuses_as_the_python_packer(monkeypatch):
+    """The device plans' one gather and validate: _C.DeviceTable (C++) and the
+    Python packer it replaces (kept for installs without the extension) pack
+    the same tables from the same tensors, bump the same counters, and refuse
+    the same bad grads with the same exception type."""
+    from fasttricks.ops import _device
+    shapes = [(5000,), (3, 4), (), (0,), (4099,), (7,)]
+    params = [torch.randn(s) for s in shapes]
+    steps = [torch.full((), 2.0) for _ in params]
+    state = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+
+    def plan(native):
+        monkeypatch.setattr(_device, "NATIVE", native)
+        made = DeviceAdamPlan(params, steps, *state, None, None, amsgrad=False, decoupled=True,
+                              launch=None, rounding=list(range(10, 10 + len(params))))
+        assert (made._table() is not None) == native
+        return made
+
+    native, python = plan(True), plan(False)
+    for i, p in enumerate(params):
+        p.grad = None if i == 1 else torch.randn_like(p)
+    packed = [native.pack(), python.pack()]
+    (n1, t1, w1, _), (n2, t2, w2, _) = packed
+    assert n1 == n2 == len(params) - 1 and w1 == w2 == []
+    assert all(torch.equal(a, b) for a, b in zip(t1[:4], t2[:4])) and t1[4:] == t2[4:]
+    assert [float(s) for s in steps] == [4.0 if i != 1 else 2.0 for i in range(len(params))]
+    for bad in (torch.randn(4, 3), torch.randn(3, 4, dtype=torch.float64)):
+        params[1].grad = torch.zeros(3, 4)
+        params[1].grad.data = bad  # past torch's own check, as .data assignments go
+        errors = []
+        for p_ in (native, python):
+            with pytest.raises((RuntimeError, TypeError, ValueError)) as info:
+                p_.pack()
+            errors.append(info.type)
+        assert errors[0] is errors[1], errors
+    assert [float(s) for s in steps] == [4.0 if i != 1 else 2.0 for i in range(len(params))]
+
+
 def test_device_table_refuses_float64_steps():
     if _backends.cpu_ext() is None:
         pytest.skip("CPU extension not built")
@@ -271,7 +350,7 @@ def test_table_rows_agree_in_python_cpp_and_cuda():
     header = (ROOT / "csrc" / "include" / "fasttricks" / "table.h").read_text()
     assert int(re.search(r"kChunk = (\d+)", header).group(1)) == CHUNK
     for family, rows in (("adam", ADAM_ROWS), ("sgd", SGD_ROWS)):
-        block = re.search(rf"namespace {family} {{(.*?)}}", header, re.S).group(1)
+        block = re.search(rf"struct {family} {{(.*?)}};", header, re.S).group(1)
         consts = dict((k, int(v)) for k, v in re.findall(r"k(\w+) = (\d+)", block))
         names = ["".join(w.capitalize() for w in r.split("_")) for r in rows]
         assert [consts[n] for n in names] == list(range(len(rows))) and consts["Rows"] == len(rows)

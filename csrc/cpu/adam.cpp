@@ -1,7 +1,8 @@
 // Fused Adam/AdamW step on the CPU: one pass over param, grad, moments,
 // optional fp32 master and optional running average, in one parallel region.
 #include "multi_tensor.h"
-#include "plans.h"
+#include "weight_io.h"
+#include "host/plans.h"
 #include "fasttricks/adam_math.h"
 
 #include <algorithm>
@@ -26,17 +27,13 @@ struct AdamPtrs {
 template <typename P, typename S, bool MASTER, bool SR, bool AMSGRAD, bool DECOUPLED, bool AVERAGE>
 void adam_kernel(const std::vector<AdamPtrs<P, S, AverageT<P, MASTER, SR>, typename OpMath<S>::type>>& ptrs,
                  const std::vector<int64_t>& numels, typename OpMath<S>::type avg_coef) {
-  using PIO = VecIO<P>;
+  using WIO = WeightIO<P, S, MASTER, SR, AVERAGE>;
   using SIO = VecIO<S>;
-  using AIO = VecIO<AverageT<P, MASTER, SR>>;
-  using OVec = typename SIO::OVec;
-  static_assert(std::is_same_v<typename PIO::OVec, OVec>, "param and state must share a math type");
-  using O = typename OpMath<S>::type;
+  using OVec = typename WIO::OVec;
+  using O = typename WIO::O;
   constexpr int64_t kUnit = SIO::kUnit;
-  static_assert(PIO::kUnit == kUnit, "param and state units differ");
-  // Stochastic rounding where a 16-bit tensor is written from fp32 math.
+  // Stochastic rounding where a 16-bit state is written from fp32 math.
   constexpr bool ROUND_S = SR && !std::is_same_v<S, O>;
-  constexpr bool ROUND_P = SR && !MASTER && !std::is_same_v<P, O>;
 
   // U units per call (for_units): all loads before any store, so more lines
   // are in flight (a store may alias a later load, which the compiler must respect).
@@ -45,19 +42,14 @@ void adam_kernel(const std::vector<AdamPtrs<P, S, AverageT<P, MASTER, SR>, typen
     OVec w[2 * U], g[2 * U], m[2 * U], v[2 * U], x[2 * U];
     for (int u = 0; u < U; ++u) {
       const int64_t j = i + u * kUnit;
-      if constexpr (MASTER) SIO::prefetch(t.master + j, n);
-      else PIO::prefetch(t.param + j, n);
-      PIO::prefetch(t.grad + j, n);
+      WIO::prefetch(t, j, n);
       SIO::prefetch(t.exp_avg + j, n);
       SIO::prefetch(t.exp_avg_sq + j, n);
       if constexpr (AMSGRAD) SIO::prefetch(t.max_exp_avg_sq + j, n);
-      if constexpr (AVERAGE) AIO::prefetch(t.avg + j, n);
     }
     for (int u = 0; u < U; ++u) {
       const int64_t j = i + u * kUnit;
-      if constexpr (MASTER) SIO::load(t.master + j, n, w[2 * u], w[2 * u + 1]);
-      else PIO::load(t.param + j, n, w[2 * u], w[2 * u + 1]);
-      PIO::load(t.grad + j, n, g[2 * u], g[2 * u + 1]);
+      WIO::load(t, j, n, w + 2 * u, g + 2 * u);
       SIO::load(t.exp_avg + j, n, m[2 * u], m[2 * u + 1]);
       SIO::load(t.exp_avg_sq + j, n, v[2 * u], v[2 * u + 1]);
       if constexpr (AMSGRAD) SIO::load(t.max_exp_avg_sq + j, n, x[2 * u], x[2 * u + 1]);
@@ -69,31 +61,21 @@ void adam_kernel(const std::vector<AdamPtrs<P, S, AverageT<P, MASTER, SR>, typen
     for (int k = 0; k < live; ++k) adam_update<AMSGRAD, DECOUPLED>(w[k], g[k], m[k], v[k], x[k], c);
     for (int u = 0; u < U; ++u) {
       const int64_t j = i + u * kUnit;
-      if constexpr (ROUND_S || ROUND_P) {
-        // word0: param (low half), exp_avg (high); word1: exp_avg_sq; word2: max_exp_avg_sq.
-        const Draws d0 = draw_unit(t.key, j);
-        if constexpr (ROUND_S) {
-          const Draws d1 = next_word(d0);
-          SIO::store_rounded(t.exp_avg + j, n, m[2 * u], m[2 * u + 1], d0, 16, false);
-          SIO::store_rounded(t.exp_avg_sq + j, n, v[2 * u], v[2 * u + 1], d1, 16, true);
-          if constexpr (AMSGRAD) {
-            SIO::store_rounded(t.max_exp_avg_sq + j, n, x[2 * u], x[2 * u + 1], next_word(d1), 16, true);
-          }
-        } else {
-          SIO::store(t.exp_avg + j, n, m[2 * u], m[2 * u + 1]);
-          SIO::store(t.exp_avg_sq + j, n, v[2 * u], v[2 * u + 1]);
-          if constexpr (AMSGRAD) SIO::store(t.max_exp_avg_sq + j, n, x[2 * u], x[2 * u + 1]);
+      // word0: param (low half), exp_avg (high); word1: exp_avg_sq; word2: max_exp_avg_sq.
+      const Draws d0 = ROUND_S || WIO::kRoundParam ? draw_unit(t.key, j) : Draws{};
+      if constexpr (ROUND_S) {
+        const Draws d1 = next_word(d0);
+        SIO::store_rounded(t.exp_avg + j, n, m[2 * u], m[2 * u + 1], d0, 16, false);
+        SIO::store_rounded(t.exp_avg_sq + j, n, v[2 * u], v[2 * u + 1], d1, 16, true);
+        if constexpr (AMSGRAD) {
+          SIO::store_rounded(t.max_exp_avg_sq + j, n, x[2 * u], x[2 * u + 1], next_word(d1), 16, true);
         }
-        if constexpr (ROUND_P) PIO::store_rounded(t.param + j, n, w[2 * u], w[2 * u + 1], d0, 0, false);
-        else PIO::store(t.param + j, n, w[2 * u], w[2 * u + 1]);
       } else {
         SIO::store(t.exp_avg + j, n, m[2 * u], m[2 * u + 1]);
         SIO::store(t.exp_avg_sq + j, n, v[2 * u], v[2 * u + 1]);
         if constexpr (AMSGRAD) SIO::store(t.max_exp_avg_sq + j, n, x[2 * u], x[2 * u + 1]);
-        if constexpr (MASTER) SIO::store(t.master + j, n, w[2 * u], w[2 * u + 1]);
-        PIO::store(t.param + j, n, w[2 * u], w[2 * u + 1]);
       }
-      if constexpr (AVERAGE) AIO::lerp_average(t.avg + j, n, w[2 * u], w[2 * u + 1], avg_coef);
+      WIO::store(t, j, n, w + 2 * u, d0, avg_coef);
     }
   };
 

@@ -101,7 +101,7 @@ void run_chunks(const std::vector<int64_t>& numels, const F& fn) {
 // docs/performance.md has the measurements.
 constexpr size_t kTensorsAhead = 8;
 // Up to this many tensors a step's data lines fit the cache with room to
-// spare, so the gather asks for all of them at once (tensor_table.h).
+// spare, so the gather asks for all of them at once (csrc/host/tensor_table.h).
 constexpr size_t kPrefetchDataTensors = 1024;
 template <typename... T>
 C10_ALWAYS_INLINE void prefetch_first_lines(const T*... ptrs) {

@@ -3,9 +3,9 @@
 
 #include <array>
 
-#include "device_table.h"
 #include "fasttricks/table.h"
-#include "plans.h"
+#include "host/device_table.h"
+#include "host/plans.h"
 
 namespace ftc = fasttricks::cpu;
 
@@ -79,8 +79,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   // NOTE [pointer table]: the C++ row numbers, for tests/test_plan_cache.py.
   {
-    namespace A = fasttricks::table::adam;
-    namespace S = fasttricks::table::sgd;
+    using A = fasttricks::table::adam;
+    using S = fasttricks::table::sgd;
     py::dict rows;
     rows["chunk"] = fasttricks::table::kChunk;
     rows["adam"] = py::make_tuple(A::kParam, A::kGrad, A::kExpAvg, A::kExpAvgSq, A::kMaxExpAvgSq, A::kMaster,

@@ -2,8 +2,8 @@
 // header: vec_round.h (stochastic rounding on vector lanes), vec_io.h (vector
 // loads and stores per dtype), chunks.h (the parallel loops over all tensors'
 // chunks, and the prefetch), dispatch.h (compile-time dtype and flag
-// dispatch), param_records.h (a step's host records and checks; the gather
-// that validates every tensor before any is written is tensor_table.h).
+// dispatch). The host side of a step (the records, the gather that validates
+// every tensor before any is written, the plans) is csrc/host/.
 #pragma once
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -26,4 +26,3 @@ inline Vectorized<O> ft_max(const Vectorized<O>& a, const Vectorized<O>& b) {
 #include "vec_io.h"
 #include "chunks.h"
 #include "dispatch.h"
-#include "param_records.h"

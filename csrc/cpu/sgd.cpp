@@ -1,7 +1,8 @@
 // Fused SGD/SGDW step on the CPU: one pass over param, grad, momentum buffer,
 // optional fp32 master and optional running average, in one parallel region.
 #include "multi_tensor.h"
-#include "plans.h"
+#include "weight_io.h"
+#include "host/plans.h"
 #include "fasttricks/sgd_math.h"
 
 namespace fasttricks {
@@ -23,14 +24,11 @@ struct SgdPtrs {
 template <typename P, typename S, bool MASTER, bool SR, bool MOMENTUM, bool NESTEROV, bool DECOUPLED, bool AVERAGE>
 void sgd_kernel(const std::vector<SgdPtrs<P, S, AverageT<P, MASTER, SR>>>& ptrs, const std::vector<int64_t>& numels,
                 const SgdCoefs<typename OpMath<S>::type>& c, typename OpMath<S>::type avg_coef) {
-  using PIO = VecIO<P>;
+  using WIO = WeightIO<P, S, MASTER, SR, AVERAGE>;
   using SIO = VecIO<S>;
-  using AIO = VecIO<AverageT<P, MASTER, SR>>;
-  using OVec = typename SIO::OVec;
-  using O = typename OpMath<S>::type;
+  using OVec = typename WIO::OVec;
   constexpr int64_t kUnit = SIO::kUnit;
-  constexpr bool ROUND_S = SR && MOMENTUM && !std::is_same_v<S, O>;
-  constexpr bool ROUND_P = SR && !MASTER && !std::is_same_v<P, O>;
+  constexpr bool ROUND_S = SR && MOMENTUM && !std::is_same_v<S, typename WIO::O>;
 
   // U units per call (for_units), all loads before any store (see adam.cpp).
   auto units = [&](const SgdPtrs<P, S, AverageT<P, MASTER, SR>>& t, int64_t i, int64_t n, auto u_tag) {
@@ -38,17 +36,12 @@ void sgd_kernel(const std::vector<SgdPtrs<P, S, AverageT<P, MASTER, SR>>>& ptrs,
     OVec w[2 * U], g[2 * U], b[2 * U];
     for (int u = 0; u < U; ++u) {
       const int64_t j = i + u * kUnit;
-      if constexpr (MASTER) SIO::prefetch(t.master + j, n);
-      else PIO::prefetch(t.param + j, n);
-      PIO::prefetch(t.grad + j, n);
+      WIO::prefetch(t, j, n);
       if constexpr (MOMENTUM) SIO::prefetch(t.buf + j, n);
-      if constexpr (AVERAGE) AIO::prefetch(t.avg + j, n);
     }
     for (int u = 0; u < U; ++u) {
       const int64_t j = i + u * kUnit;
-      if constexpr (MASTER) SIO::load(t.master + j, n, w[2 * u], w[2 * u + 1]);
-      else PIO::load(t.param + j, n, w[2 * u], w[2 * u + 1]);
-      PIO::load(t.grad + j, n, g[2 * u], g[2 * u + 1]);
+      WIO::load(t, j, n, w + 2 * u, g + 2 * u);
       if constexpr (MOMENTUM) {
         if (!t.first_step) SIO::load(t.buf + j, n, b[2 * u], b[2 * u + 1]);
       }
@@ -56,16 +49,11 @@ void sgd_kernel(const std::vector<SgdPtrs<P, S, AverageT<P, MASTER, SR>>>& ptrs,
     for (int k = 0; k < 2 * U; ++k) sgd_update<MOMENTUM, NESTEROV, DECOUPLED>(w[k], g[k], b[k], t.first_step, c);
     for (int u = 0; u < U; ++u) {
       const int64_t j = i + u * kUnit;
-      if constexpr (ROUND_S || ROUND_P) {
-        const Draws d0 = draw_unit(t.key, j);  // word0: param (low half), momentum buffer (high)
-        if constexpr (MOMENTUM) SIO::store_rounded(t.buf + j, n, b[2 * u], b[2 * u + 1], d0, 16, false);
-        PIO::store_rounded(t.param + j, n, w[2 * u], w[2 * u + 1], d0, 0, false);
-      } else {
-        if constexpr (MOMENTUM) SIO::store(t.buf + j, n, b[2 * u], b[2 * u + 1]);
-        if constexpr (MASTER) SIO::store(t.master + j, n, w[2 * u], w[2 * u + 1]);
-        PIO::store(t.param + j, n, w[2 * u], w[2 * u + 1]);
-      }
-      if constexpr (AVERAGE) AIO::lerp_average(t.avg + j, n, w[2 * u], w[2 * u + 1], avg_coef);
+      // word0: param (low half), momentum buffer (high)
+      const Draws d0 = ROUND_S || WIO::kRoundParam ? draw_unit(t.key, j) : Draws{};
+      if constexpr (ROUND_S) SIO::store_rounded(t.buf + j, n, b[2 * u], b[2 * u + 1], d0, 16, false);
+      else if constexpr (MOMENTUM) SIO::store(t.buf + j, n, b[2 * u], b[2 * u + 1]);
+      WIO::store(t, j, n, w + 2 * u, d0, avg_coef);
     }
   };
 

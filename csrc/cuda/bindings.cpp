@@ -36,38 +36,70 @@ const float* opt_ptr(const std::optional<at::Tensor>& t) {
   return t->data_ptr<float>();
 }
 
+// A launch's keyword arguments, read by name: a missing one raises a
+// TypeError that names it, and so does one left over, so a misspelt name
+// never passes unread.
+class Keywords {
+ public:
+  Keywords(const py::kwargs& kw, const char* fn) : kw_(kw), fn_(fn) {}
+
+  template <typename T>
+  T get(const char* name) {
+    TORCH_CHECK_TYPE(kw_.contains(name), fn_, "() missing keyword argument '", name, "'");
+    ++read_;
+    return kw_[name].cast<T>();
+  }
+  // A device scalar (tensor lr, grad_scale, found_inf), or nullptr for None.
+  const float* scalar(const char* name) { return opt_ptr(get<std::optional<at::Tensor>>(name)); }
+  void check_all_read() const {
+    TORCH_CHECK_TYPE(read_ == kw_.size(), fn_, "() got ", kw_.size() - read_, " unexpected keyword argument(s)");
+  }
+
+ private:
+  const py::kwargs& kw_;
+  const char* fn_;
+  size_t read_ = 0;
+};
+
+// What every family's launch takes (braced initialisation reads them in order).
+ftc::StepArgs step_args(Keywords& k) {
+  return {k.get<double>("lr"), k.scalar("lr_tensor"), k.get<double>("grad_mul"), k.get<double>("avg_coef"),
+          k.scalar("grad_scale"), k.scalar("found_inf"), k.get<bool>("average"),
+          to_dtype(k.get<at::ScalarType>("param_dtype")), to_dtype(k.get<at::ScalarType>("state_dtype")),
+          k.get<bool>("master"), k.get<bool>("stochastic_rounding"),
+          static_cast<uint32_t>(k.get<int64_t>("round_key"))};
+}
+
+void check_launch(cudaError_t err, const char* kernel) {
+  TORCH_CHECK(err == cudaSuccess, "fasttricks ", kernel, " kernel: ", cudaGetErrorString(err));
+}
+
+// The launches: the packed table (fasttricks/ops/_device.py) by position, the
+// rest by keyword, named as the Triton launches of fasttricks/kernels/ name them.
 void adam_step(const at::Tensor& ptrs, const at::Tensor& numels, const at::Tensor& chunk_tensor,
-               const at::Tensor& chunk_start, int64_t n_tensors, at::ScalarType param_dtype,
-               at::ScalarType state_dtype, double lr, const std::optional<at::Tensor>& lr_tensor,
-               double beta1, double beta2, double eps, double weight_decay, double grad_mul,
-               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-               double avg_coef, bool amsgrad, bool decoupled, bool average, bool master, bool stochastic_rounding,
-               int64_t round_key) {
+               const at::Tensor& chunk_start, int64_t n_tensors, const py::kwargs& kwargs) {
+  Keywords k(kwargs, "adam_step");
+  const ftc::StepArgs common = step_args(k);
+  const double beta1 = k.get<double>("beta1"), beta2 = k.get<double>("beta2");
+  const ftc::AdamArgs a{common, 1.0 - beta1, 1.0 - beta2, k.get<double>("eps"), k.get<double>("weight_decay"),
+                        k.get<bool>("amsgrad"), k.get<bool>("decoupled")};
+  k.check_all_read();
   const c10::cuda::CUDAGuard guard(ptrs.device());
-  ftc::AdamArgs a{lr, opt_ptr(lr_tensor), 1.0 - beta1, 1.0 - beta2, eps, weight_decay,
-                  grad_mul, avg_coef, opt_ptr(grad_scale), opt_ptr(found_inf), amsgrad,
-                  decoupled, average, to_dtype(param_dtype), to_dtype(state_dtype), master, stochastic_rounding,
-                  static_cast<uint32_t>(round_key)};
-  const auto err = ftc::launch_adam(make_tables(ptrs, numels, chunk_tensor, chunk_start, n_tensors), a,
-                                    c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "fasttricks adam kernel: ", cudaGetErrorString(err));
+  check_launch(ftc::launch_adam(make_tables(ptrs, numels, chunk_tensor, chunk_start, n_tensors), a,
+                                c10::cuda::getCurrentCUDAStream()), "adam");
 }
 
 void sgd_step(const at::Tensor& ptrs, const at::Tensor& numels, const at::Tensor& chunk_tensor,
-              const at::Tensor& chunk_start, int64_t n_tensors, at::ScalarType param_dtype,
-              at::ScalarType state_dtype, double lr, const std::optional<at::Tensor>& lr_tensor,
-              double weight_decay, double momentum, double dampening, double grad_mul,
-              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-              double avg_coef, bool nesterov, bool decoupled, bool average, bool master, bool stochastic_rounding,
-              int64_t round_key) {
+              const at::Tensor& chunk_start, int64_t n_tensors, const py::kwargs& kwargs) {
+  Keywords k(kwargs, "sgd_step");
+  const ftc::StepArgs common = step_args(k);
+  const double momentum = k.get<double>("momentum");
+  const ftc::SgdArgs a{common, k.get<double>("weight_decay"), momentum, k.get<double>("dampening"), momentum != 0.0,
+                       k.get<bool>("nesterov"), k.get<bool>("decoupled")};
+  k.check_all_read();
   const c10::cuda::CUDAGuard guard(ptrs.device());
-  ftc::SgdArgs a{lr, opt_ptr(lr_tensor), weight_decay, momentum, dampening,
-                 grad_mul, avg_coef, opt_ptr(grad_scale), opt_ptr(found_inf), momentum != 0.0,
-                 nesterov, decoupled, average, to_dtype(param_dtype), to_dtype(state_dtype), master,
-                 stochastic_rounding, static_cast<uint32_t>(round_key)};
-  const auto err = ftc::launch_sgd(make_tables(ptrs, numels, chunk_tensor, chunk_start, n_tensors), a,
-                                   c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "fasttricks sgd kernel: ", cudaGetErrorString(err));
+  check_launch(ftc::launch_sgd(make_tables(ptrs, numels, chunk_tensor, chunk_start, n_tensors), a,
+                               c10::cuda::getCurrentCUDAStream()), "sgd");
 }
 
 void mixup_blend_rows(const at::Tensor& x, const at::Tensor& out, const at::Tensor& lam,
@@ -82,15 +114,17 @@ void mixup_blend_rows(const at::Tensor& x, const at::Tensor& out, const at::Tens
   const auto err = ftc::launch_mixup(x.data_ptr(), out.data_ptr(), lam.data_ptr<float>(),
                                      perm.has_value() ? perm->data_ptr<int64_t>() : nullptr, x.size(0), x.size(1),
                                      to_dtype(x.scalar_type()), c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "fasttricks mixup kernel: ", cudaGetErrorString(err));
+  check_launch(err, "mixup");
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fasttricks fused CUDA kernels (multi-tensor, pointer tables)";
-  m.def("adam_step", &adam_step);
-  m.def("sgd_step", &sgd_step);
+  m.def("adam_step", &adam_step, py::arg("ptrs"), py::arg("numels"), py::arg("chunk_tensor"), py::arg("chunk_start"),
+        py::arg("n_tensors"), "Adam/AdamW over a packed table; hyper-parameters and switches by keyword");
+  m.def("sgd_step", &sgd_step, py::arg("ptrs"), py::arg("numels"), py::arg("chunk_tensor"), py::arg("chunk_start"),
+        py::arg("n_tensors"), "SGD/SGDW over a packed table; hyper-parameters and switches by keyword");
   m.def("mixup_blend_rows", &mixup_blend_rows, py::arg("x"), py::arg("out"), py::arg("lam"),
         py::arg("perm") = py::none());
 }

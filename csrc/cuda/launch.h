@@ -27,29 +27,27 @@ using table::kChunk;
 
 // Hyper-parameters travel in double (the host's values, unrounded): fp64
 // params compute with them in double, the others round each once to float.
-struct AdamArgs {
+// What every family's launch takes:
+struct StepArgs {
   double lr;
   const float* lr_ptr;  // overrides lr when not null (tensor lr)
-  double one_minus_beta1, one_minus_beta2;
-  double eps, weight_decay, grad_mul, avg_coef;
+  double grad_mul, avg_coef;
   const float* grad_scale;  // may be null
   const float* found_inf;   // may be null
-  bool amsgrad, decoupled, average;
+  bool average;
   DType param, state;
   bool master, stochastic_rounding;  // docs/precision.md
   uint32_t round_key;                // NOTE [stochastic rounding]: the step's key
 };
 
-struct SgdArgs {
-  double lr;
-  const float* lr_ptr;
-  double weight_decay, momentum, dampening, grad_mul, avg_coef;
-  const float* grad_scale;
-  const float* found_inf;
-  bool momentum_on, nesterov, decoupled, average;
-  DType param, state;
-  bool master, stochastic_rounding;
-  uint32_t round_key;
+struct AdamArgs : StepArgs {
+  double one_minus_beta1, one_minus_beta2, eps, weight_decay;
+  bool amsgrad, decoupled;
+};
+
+struct SgdArgs : StepArgs {
+  double weight_decay, momentum, dampening;
+  bool momentum_on, nesterov, decoupled;
 };
 
 // Return cudaSuccess or the launch error (reported by the binding).

@@ -1,9 +1,12 @@
 """Pieces the Triton optimizer kernels share."""
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
-from fasttricks.kernels import TL_DTYPES
+from fasttricks._table import grad_multiplier, scalar_arg
+from fasttricks.kernels import PRECISIONS, TL_DTYPES, precision_name
 
 BLOCK = 1024
 # No FMA contraction: each multiply and add rounds once, in the order of the
@@ -44,6 +47,43 @@ def constant(device, value: float = 0.0) -> torch.Tensor:
     if key not in _constants:
         _constants[key] = torch.full((1,), value, dtype=torch.float32, device=device)
     return _constants[key]
+
+
+def launch_step(kernel, tables, hyper, family_args: tuple, constexprs, *, device, grad_scale, found_inf, avg_coef):
+    """One launch of an optimizer kernel over a packed table, in the argument
+    order both kernels take: the table, the lr (a tensor lr is read on the
+    device), the family's own `family_args`, then the gradient multiplier,
+    grad_scale, found_inf, the averaging coefficient and the rounding key.
+    `constexprs(lr_is_tensor)` gives the kernel's compile-time arguments."""
+    ptrs, numels, chunk_tensor, chunk_start, n, n_chunks = tables
+    lr_value, lr_tensor = scalar_arg(hyper.lr, device)
+    device_scalar = lambda t, absent: t if t is not None else constant(device, absent)  # noqa: E731
+    kernel[(n_chunks,)](
+        ptrs, numels, chunk_tensor, chunk_start, n, lr_value, device_scalar(lr_tensor, 0.0), *family_args,
+        grad_multiplier(hyper), device_scalar(grad_scale, 1.0), device_scalar(found_inf, 0.0), float(avg_coef),
+        round_key_arg(hyper), **constexprs(lr_tensor is not None), **COMPILE_OPTIONS)
+
+
+# The runtime arguments both optimizer kernels take around their own (launch_step's order).
+TABLE_SIGNATURE = {"ptrs_ptr": "*i64", "numels_ptr": "*i64", "chunk_tensor_ptr": "*i64", "chunk_start_ptr": "*i64",
+                   "n_tensors": "i32", "lr": "fp32", "lr_ptr": "*fp32"}
+STEP_SIGNATURE = {"grad_mul": "fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "avg_coef": "fp32",
+                  "round_key": "i32"}
+
+
+def aot_variants_of(name: str, kernel, family_signature: dict, switches: tuple, constexprs, allowed=None):
+    """(name, kernel, signature, constexprs, compile options) of every variant an
+    optimizer launch can select: each precision x each combination of its
+    `switches` that `allowed(flags)` admits; the compile tests build each."""
+    signature = {**TABLE_SIGNATURE, **family_signature, **STEP_SIGNATURE}
+    for (p, s, master, sr), values in itertools.product(PRECISIONS, itertools.product((False, True),
+                                                                                       repeat=len(switches))):
+        flags = dict(zip(switches, values))
+        if allowed is not None and not allowed(flags):
+            continue
+        const = constexprs(p, s, **flags, master=master, stochastic_rounding=sr)
+        yield (f"{name}[{precision_name(p, s, master, sr)},{''.join(str(int(b)) for b in values)}]", kernel,
+               {**signature, **{k: "constexpr" for k in const}}, const, COMPILE_OPTIONS)
 
 
 @triton.jit

@@ -6,15 +6,12 @@ One program per CHUNK elements of one tensor; the pointer table (NOTE
 launch_adam. Step counts, lr, grad_scale and found_inf are read on the device,
 so a step never synchronises with the host. A leaf: imports no fasttricks.ops.
 """
-import itertools
-
 import triton
 import triton.language as tl
 
-from fasttricks._table import ADAM_ROW, CHUNK, grad_multiplier, scalar_arg
-from fasttricks.kernels import PRECISIONS, precision_name
-from fasttricks.kernels._common import (BLOCK, COMPILE_OPTIONS, chunk_prologue, constant, div_ieee, draw_bits,
-                                        load_weight_and_grad, next_word, precision_constexprs, round_key_arg,
+from fasttricks._table import ADAM_ROW, CHUNK
+from fasttricks.kernels._common import (BLOCK, aot_variants_of, chunk_prologue, div_ieee, draw_bits, launch_step,
+                                        load_weight_and_grad, next_word, precision_constexprs,
                                         rounding_tensor_key, sqrt_ieee, store_rounded, store_weights, table_ptr)
 
 EXP_AVG: tl.constexpr = tl.constexpr(ADAM_ROW["exp_avg"])
@@ -110,32 +107,16 @@ def launch_adam(tables, hyper, *, param_dtype, state_dtype, grad_scale, found_in
                 average, device, master, stochastic_rounding):
     """One launch over a packed table. `hyper` has the fields of
     fasttricks.ops.adam.AdamHyper; 1 - beta is computed here, in double."""
-    ptrs, numels, chunk_tensor, chunk_start, n, n_chunks = tables
-    lr_value, lr_tensor = scalar_arg(hyper.lr, device)
-    device_scalar = lambda t, absent: t if t is not None else constant(device, absent)  # noqa: E731
-    adam_kernel[(n_chunks,)](
-        ptrs, numels, chunk_tensor, chunk_start, n,
-        lr_value, device_scalar(lr_tensor, 0.0), 1.0 - float(hyper.beta1),
-        1.0 - float(hyper.beta2), float(hyper.eps), float(hyper.weight_decay), grad_multiplier(hyper),
-        device_scalar(grad_scale, 1.0), device_scalar(found_inf, 0.0), float(avg_coef),
-        round_key_arg(hyper),
-        **adam_constexprs(param_dtype, state_dtype, amsgrad=amsgrad, decoupled=decoupled, average=average,
-                          lr_is_tensor=lr_tensor is not None, master=master,
-                          stochastic_rounding=stochastic_rounding), **COMPILE_OPTIONS)
-
-
-SIGNATURE = {"ptrs_ptr": "*i64", "numels_ptr": "*i64", "chunk_tensor_ptr": "*i64", "chunk_start_ptr": "*i64",
-             "n_tensors": "i32", "lr": "fp32", "lr_ptr": "*fp32", "one_minus_beta1": "fp32",
-             "one_minus_beta2": "fp32", "eps": "fp32", "weight_decay": "fp32", "grad_mul": "fp32",
-             "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "avg_coef": "fp32", "round_key": "i32"}
+    launch_step(adam_kernel, tables, hyper,
+                (1.0 - float(hyper.beta1), 1.0 - float(hyper.beta2), float(hyper.eps), float(hyper.weight_decay)),
+                lambda lr_is_tensor: adam_constexprs(param_dtype, state_dtype, amsgrad=amsgrad, decoupled=decoupled,
+                                                     average=average, lr_is_tensor=lr_is_tensor, master=master,
+                                                     stochastic_rounding=stochastic_rounding),
+                device=device, grad_scale=grad_scale, found_inf=found_inf, avg_coef=avg_coef)
 
 
 def aot_variants():
-    """(name, kernel, signature, constexprs, compile options) for every variant launch_adam can
-    select: each (param, state) dtype pair x every switch; tests compile each
-    for sm_90 (and sm_80) without a GPU."""
-    for (p, s, master, sr), switches in itertools.product(PRECISIONS, itertools.product((False, True), repeat=4)):
-        const = adam_constexprs(p, s, **dict(zip(("amsgrad", "decoupled", "average", "lr_is_tensor"), switches)),
-                                master=master, stochastic_rounding=sr)
-        yield (f"adam[{precision_name(p, s, master, sr)},{''.join(str(int(b)) for b in switches)}]", adam_kernel,
-               {**SIGNATURE, **{k: "constexpr" for k in const}}, const, COMPILE_OPTIONS)
+    """Every variant launch_adam can select, for the compile tests (sm_90 and sm_80, no GPU)."""
+    return aot_variants_of("adam", adam_kernel, {"one_minus_beta1": "fp32", "one_minus_beta2": "fp32", "eps": "fp32",
+                                                 "weight_decay": "fp32"},
+                           ("amsgrad", "decoupled", "average", "lr_is_tensor"), adam_constexprs)

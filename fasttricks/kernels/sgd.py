@@ -1,15 +1,12 @@
 """Fused multi-tensor SGD/SGDW step in Triton (NOTE [SGD math] in
 csrc/include/fasttricks/sgd_math.h; the reference is fasttricks/ops/sgd.py).
 A leaf, as fasttricks/kernels/adam.py: the device plan packs the table and calls launch_sgd."""
-import itertools
-
 import triton
 import triton.language as tl
 
-from fasttricks._table import CHUNK, SGD_ROW, grad_multiplier, scalar_arg
-from fasttricks.kernels import PRECISIONS, precision_name
-from fasttricks.kernels._common import (BLOCK, COMPILE_OPTIONS, chunk_prologue, constant, draw_bits,
-                                        load_weight_and_grad, precision_constexprs, round_key_arg,
+from fasttricks._table import CHUNK, SGD_ROW
+from fasttricks.kernels._common import (BLOCK, aot_variants_of, chunk_prologue, draw_bits, launch_step,
+                                        load_weight_and_grad, precision_constexprs,
                                         rounding_tensor_key, store_rounded, store_weights, table_ptr)
 
 BUF_ROW: tl.constexpr = tl.constexpr(SGD_ROW["momentum_buffer"])
@@ -68,34 +65,17 @@ def sgd_constexprs(param_dtype, state_dtype, *, momentum, nesterov, decoupled, a
 def launch_sgd(tables, hyper, *, param_dtype, state_dtype, grad_scale, found_inf, avg_coef, nesterov, decoupled,
                average, device, master, stochastic_rounding):
     """One launch over a packed table; `hyper` has the fields of fasttricks.ops.sgd.SgdHyper."""
-    ptrs, numels, chunk_tensor, chunk_start, n, n_chunks = tables
-    lr_value, lr_tensor = scalar_arg(hyper.lr, device)
-    device_scalar = lambda t, absent: t if t is not None else constant(device, absent)  # noqa: E731
-    sgd_kernel[(n_chunks,)](
-        ptrs, numels, chunk_tensor, chunk_start, n,
-        lr_value, device_scalar(lr_tensor, 0.0), float(hyper.weight_decay),
-        float(hyper.momentum), float(hyper.dampening), grad_multiplier(hyper),
-        device_scalar(grad_scale, 1.0), device_scalar(found_inf, 0.0), float(avg_coef),
-        round_key_arg(hyper),
-        **sgd_constexprs(param_dtype, state_dtype, momentum=hyper.momentum != 0, nesterov=nesterov,
-                         decoupled=decoupled, average=average, lr_is_tensor=lr_tensor is not None, master=master,
-                         stochastic_rounding=stochastic_rounding), **COMPILE_OPTIONS)
-
-
-SIGNATURE = {"ptrs_ptr": "*i64", "numels_ptr": "*i64", "chunk_tensor_ptr": "*i64", "chunk_start_ptr": "*i64",
-             "n_tensors": "i32", "lr": "fp32", "lr_ptr": "*fp32", "weight_decay": "fp32", "momentum": "fp32",
-             "dampening": "fp32", "grad_mul": "fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
-             "avg_coef": "fp32", "round_key": "i32"}
-SWITCHES = ("momentum", "nesterov", "decoupled", "average", "lr_is_tensor")
+    launch_step(sgd_kernel, tables, hyper,
+                (float(hyper.weight_decay), float(hyper.momentum), float(hyper.dampening)),
+                lambda lr_is_tensor: sgd_constexprs(param_dtype, state_dtype, momentum=hyper.momentum != 0,
+                                                    nesterov=nesterov, decoupled=decoupled, average=average,
+                                                    lr_is_tensor=lr_is_tensor, master=master,
+                                                    stochastic_rounding=stochastic_rounding),
+                device=device, grad_scale=grad_scale, found_inf=found_inf, avg_coef=avg_coef)
 
 
 def aot_variants():
     """Every variant launch_sgd can select (nesterov only with momentum), for the compile tests."""
-    for (p, s, master, sr), switches in itertools.product(PRECISIONS,
-                                                          itertools.product((False, True), repeat=len(SWITCHES))):
-        flags = dict(zip(SWITCHES, switches))
-        if flags["nesterov"] and not flags["momentum"]:
-            continue
-        const = sgd_constexprs(p, s, **flags, master=master, stochastic_rounding=sr)
-        yield (f"sgd[{precision_name(p, s, master, sr)},{''.join(str(int(b)) for b in switches)}]", sgd_kernel,
-               {**SIGNATURE, **{k: "constexpr" for k in const}}, const, COMPILE_OPTIONS)
+    return aot_variants_of("sgd", sgd_kernel, {"weight_decay": "fp32", "momentum": "fp32", "dampening": "fp32"},
+                           ("momentum", "nesterov", "decoupled", "average", "lr_is_tensor"), sgd_constexprs,
+                           allowed=lambda flags: flags["momentum"] or not flags["nesterov"])

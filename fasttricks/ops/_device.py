@@ -20,7 +20,7 @@ current stream of the current device), launches, and writes back.
 
 `DevicePlan.pack()` validates the step's params, packs that buffer and bumps
 the step counters. It runs in C++ (fasttricks._C.DeviceTable,
-csrc/cpu/device_table.cpp) when the CPU extension loaded: the Python loop
+csrc/host/device_table.cpp) when the CPU extension loaded: the Python loop
 below is the same logic at about a millisecond per step for 161 params,
 against the GPU host-overhead target of 50 us. The Python path remains for
 installs without the extension (and the tests run both).
@@ -32,10 +32,27 @@ import contextlib
 import torch
 
 from fasttricks import _backends
-from fasttricks._table import CHUNK
+from fasttricks._table import CHUNK, grad_multiplier, scalar_arg
 from fasttricks.ops._plan import PlanBase, is_dense
 
 NATIVE = True  # use fasttricks._C.DeviceTable when it loaded (tests switch it off)
+
+
+def cuda_launch(op: str, hyper_floats: tuple[str, ...]):
+    """The CUDA backend's launch of family `op`: the extension's `<op>_step`
+    binding (csrc/cuda/bindings.cpp), called as the Triton launch of
+    fasttricks/kernels/<op>.py is, with everything after the table by keyword.
+    `hyper_floats`: the fields of the family's hyper record it passes as they are."""
+
+    def launch(tables, hyper, *, device, **switches):
+        ptrs, numels, chunk_tensor, chunk_start, n, _ = tables
+        lr, lr_tensor = scalar_arg(hyper.lr, device)
+        floats = {name: float(getattr(hyper, name)) for name in hyper_floats}
+        getattr(_backends.cuda_ext(), f"{op}_step")(
+            ptrs, numels, chunk_tensor, chunk_start, n, lr=lr, lr_tensor=lr_tensor, grad_mul=grad_multiplier(hyper),
+            round_key=int(hyper.round_key), **floats, **switches)
+
+    return launch
 
 
 def _same_layout(t: torch.Tensor, ref: torch.Tensor) -> bool:
@@ -88,8 +105,9 @@ class DevicePlan(PlanBase):
             rows = [list(self._row(n) or []) for n in names]
             dtypes = [self.row_dtype(n) for n in names[:n_state]]
             self._native = _backends.cpu_ext().DeviceTable(
-                self.op, self.params, rows, n_state, n_state if self.STEP_ROW else -1, len(self.FLAG_ROWS),
-                dtypes, CHUNK)
+                op=self.op, params=self.params, rows=rows, n_state_rows=n_state,
+                step_row=n_state if self.STEP_ROW else -1, n_flag_rows=len(self.FLAG_ROWS), row_dtypes=dtypes,
+                chunk=CHUNK)
             for k, name in enumerate(self.FLAG_ROWS):
                 self._native.set_flags(k, self._flags[name])
         return self._native

@@ -2,7 +2,7 @@
 
 One device and one param dtype, built once and stepped many times.
 
-The C++ CPU plans (csrc/cpu/plans.h) follow the same contract; this base
+The C++ CPU plans (csrc/host/plans.h) follow the same contract; this base
 serves the reference, Triton and CUDA backends:
 
 * `gather()` finds the parameters that have a gradient this step and validates

@@ -24,35 +24,25 @@ and max_exp_avg_sq never round a positive value to 0).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
-
 import torch
 
-from fasttricks import _backends
-from fasttricks._table import ADAM_ROWS, grad_multiplier, scalar_arg
-from fasttricks.ops._device import DevicePlan
+from fasttricks._table import ADAM_ROWS
+from fasttricks.ops._device import DevicePlan, cuda_launch
 from fasttricks.ops._plan import (PlanBase, found_inf_set, inv_grad_scale, local_shards, plan_for_backend,
                                   opmath_dtype)
-from fasttricks.ops.family import Family, own_state_empty
+from fasttricks.ops.family import Family, hyper_record, own_state_empty
 from fasttricks.ops.rounding import HIGH_BITS, StepBits, tensor_key
 
 __all__ = ["AdamHyper", "adam_reference_", "make_adam_plan", "ADAM_FAMILY", "ADAMW_FAMILY"]
 
 
-class AdamHyper(NamedTuple):
-    """One group's hyper-parameters for one step, built once by the optimizer
-    and handed unchanged to every backend (the CPU extension reads the same
-    fields, in the order it exports as ADAM_HYPER_FIELDS). Python floats are doubles: whatever a kernel needs in
-    double precision (1 - beta, the bias corrections) is derived from these."""
-
-    lr: float | torch.Tensor
-    beta1: float
-    beta2: float
-    eps: float
-    weight_decay: float
-    maximize: bool = False
-    grad_mul: float = 1.0
-    round_key: int = 0  # NOTE [stochastic rounding]: the step's key (plans with rounding keys only)
+AdamHyper = hyper_record(__name__, "AdamHyper", [("lr", float | torch.Tensor), ("beta1", float), ("beta2", float),
+                                                  ("eps", float), ("weight_decay", float)], """\
+One group's hyper-parameters for one step, built once by the optimizer and
+handed unchanged to every backend (the CPU extension reads the same fields,
+in the order it exports as ADAM_HYPER_FIELDS). Python floats are doubles:
+whatever a kernel needs in double precision (1 - beta, the bias corrections)
+is derived from these.""")
 
 
 def adam_reference_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, masters=None,
@@ -145,18 +135,6 @@ class DeviceAdamPlan(DevicePlan):
         self.steps = steps
 
 
-def launch_cuda_adam(tables, hyper, *, param_dtype, state_dtype, master, stochastic_rounding, grad_scale, found_inf,
-                     avg_coef, amsgrad, decoupled, average, device):
-    """The CUDA backend's launch: the extension's binding, called as fasttricks/kernels/adam.py's launch_adam is."""
-    ptrs, numels, chunk_tensor, chunk_start, n, _ = tables
-    lr_value, lr_tensor = scalar_arg(hyper.lr, device)
-    _backends.cuda_ext().adam_step(ptrs, numels, chunk_tensor, chunk_start, n, param_dtype, state_dtype,
-                                   lr_value, lr_tensor, float(hyper.beta1), float(hyper.beta2), float(hyper.eps),
-                                   float(hyper.weight_decay), grad_multiplier(hyper), grad_scale, found_inf,
-                                   float(avg_coef), amsgrad, decoupled, average, master, stochastic_rounding,
-                                   int(hyper.round_key))
-
-
 def make_adam_plan(backend: str, params, steps, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters,
                    *, amsgrad: bool, decoupled: bool, rounding=None):
     """A plan for one bucket of params on a concrete backend (see fasttricks._backends.resolve).
@@ -168,13 +146,17 @@ def make_adam_plan(backend: str, params, steps, exp_avgs, exp_avg_sqs, max_exp_a
             list(max_exp_avg_sqs) if amsgrad else None, list(masters) if masters else None)
     if backend != "reference":  # NOTE [DTensor shards]: the kernels take each rank's local pieces
         args = tuple(map(local_shards, args))
+    switches = {"amsgrad": amsgrad, "decoupled": decoupled}
     return plan_for_backend(
         backend, "adam",
-        reference=lambda: ReferenceAdamPlan(*args, amsgrad, decoupled, rounding),
-        cpu=lambda ext: ext.AdamPlan(*[a if a is not None else [] for a in args], amsgrad, decoupled,
-                                     rounding or [], rounding is not None),
-        device=lambda launch: DeviceAdamPlan(*args, amsgrad, decoupled, launch, rounding),
-        cuda_launch=launch_cuda_adam)
+        reference=lambda: ReferenceAdamPlan(*args, **switches, rounding=rounding),
+        cpu=lambda ext: ext.AdamPlan(*[a if a is not None else [] for a in args], **switches,
+                                     rounding=rounding or [], stochastic_rounding=rounding is not None),
+        device=lambda launch: DeviceAdamPlan(*args, **switches, launch=launch, rounding=rounding),
+        cuda_launch=CUDA_LAUNCH)
+
+
+CUDA_LAUNCH = cuda_launch("adam", ("beta1", "beta2", "eps", "weight_decay"))
 
 
 # ---- the family (fasttricks/ops/family.py) ----------------------------------------

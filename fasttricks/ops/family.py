@@ -12,9 +12,27 @@ plan, kernel.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
-__all__ = ["Family", "SparseSteps", "is_extra_key", "own_state_empty"]
+__all__ = ["Family", "SparseSteps", "hyper_record", "is_extra_key", "own_state_empty"]
+
+#: (name, type, default) of the fields every family's hyper record ends with:
+#: the sign, the gradient factor the engine folds in (NOTE [found_inf contract]
+#: keeps grad_scale apart) and the step's rounding key (NOTE [stochastic
+#: rounding]; plans with rounding keys only).
+STEP_FIELDS = (("maximize", bool, False), ("grad_mul", float, 1.0), ("round_key", int, 0))
+
+
+def hyper_record(module: str, name: str, fields: list[tuple[str, Any]], doc: str):
+    """A family's hyper-parameter record, defined in `module`: a NamedTuple of
+    the family's own `fields` (without defaults), then STEP_FIELDS. A tuple,
+    because the C++ plans read it by position (csrc/cpu/module.cpp exports the
+    order it reads)."""
+    record = NamedTuple(name, [*fields, *((n, t) for n, t, _ in STEP_FIELDS)])
+    record.__module__ = module  # where pickle finds it
+    record.__new__.__defaults__ = tuple(default for _, _, default in STEP_FIELDS)
+    record.__doc__ = doc
+    return record
 
 
 @dataclass(frozen=True)

@@ -18,17 +18,14 @@ in docs/precision.md).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
-from fasttricks import _backends
-from fasttricks._table import SGD_ROWS, grad_multiplier, scalar_arg
-from fasttricks.ops._device import DevicePlan
+from fasttricks._table import SGD_ROWS
+from fasttricks.ops._device import DevicePlan, cuda_launch
 from fasttricks.ops._plan import (PlanBase, found_inf_set, inv_grad_scale, local_shards, plan_for_backend,
                                   opmath_dtype)
 from fasttricks.ops.average import average_reference_
-from fasttricks.ops.family import Family, SparseSteps
+from fasttricks.ops.family import Family, SparseSteps, hyper_record
 from fasttricks.ops.host_flag import DeferredFlag
 from fasttricks.ops.precision import average_dtype, state_dtype
 from fasttricks.ops.rounding import HIGH_BITS, StepBits, tensor_key
@@ -36,16 +33,9 @@ from fasttricks.ops.rounding import HIGH_BITS, StepBits, tensor_key
 __all__ = ["SgdHyper", "sgd_reference_", "make_sgd_plan", "SGD_FAMILY"]
 
 
-class SgdHyper(NamedTuple):
-    """One group's hyper-parameters for one step (see AdamHyper in ops/adam.py)."""
-
-    lr: float | torch.Tensor
-    weight_decay: float
-    momentum: float
-    dampening: float
-    maximize: bool = False
-    grad_mul: float = 1.0
-    round_key: int = 0  # NOTE [stochastic rounding]: the step's key (plans with rounding keys only)
+SgdHyper = hyper_record(__name__, "SgdHyper", [("lr", float | torch.Tensor), ("weight_decay", float),
+                                                ("momentum", float), ("dampening", float)],
+                        "One group's hyper-parameters for one step (see AdamHyper in ops/adam.py).")
 
 
 def sgd_reference_(params, grads, momentum_buffers, first_step, *, masters=None, averages=None,
@@ -158,18 +148,6 @@ class DeviceSgdPlan(DevicePlan):
         return [bool(f) for f in self.flags("first")] if self.momentum else []
 
 
-def launch_cuda_sgd(tables, hyper, *, param_dtype, state_dtype, master, stochastic_rounding, grad_scale, found_inf,
-                    avg_coef, nesterov, decoupled, average, device):
-    """The CUDA backend's launch: the extension's binding, called as fasttricks/kernels/sgd.py's launch_sgd is."""
-    ptrs, numels, chunk_tensor, chunk_start, n, _ = tables
-    lr_value, lr_tensor = scalar_arg(hyper.lr, device)
-    _backends.cuda_ext().sgd_step(ptrs, numels, chunk_tensor, chunk_start, n, param_dtype, state_dtype,
-                                  lr_value, lr_tensor, float(hyper.weight_decay), float(hyper.momentum),
-                                  float(hyper.dampening), grad_multiplier(hyper), grad_scale, found_inf,
-                                  float(avg_coef), nesterov, decoupled, average, master, stochastic_rounding,
-                                  int(hyper.round_key))
-
-
 def make_sgd_plan(backend: str, params, momentum_buffers, masters, first_step, *, nesterov: bool,
                   decoupled: bool, rounding=None):
     """A plan for one bucket of params. `momentum_buffers` is None when momentum
@@ -181,13 +159,17 @@ def make_sgd_plan(backend: str, params, momentum_buffers, masters, first_step, *
     if backend != "reference":  # NOTE [DTensor shards]: the kernels take each rank's local pieces
         args = (local_shards(args[0]), local_shards(args[1]), local_shards(args[2]), args[3])
     p, b, m, f = args
+    switches = {"nesterov": nesterov, "decoupled": decoupled}
     return plan_for_backend(
         backend, "sgd",
-        reference=lambda: ReferenceSgdPlan(*args, nesterov, decoupled, rounding),
-        cpu=lambda ext: ext.SgdPlan(p, b or [], m or [], f if b else [], nesterov, decoupled, rounding or [],
-                                    rounding is not None),
-        device=lambda launch: DeviceSgdPlan(*args, nesterov, decoupled, launch, rounding),
-        cuda_launch=launch_cuda_sgd)
+        reference=lambda: ReferenceSgdPlan(*args, **switches, rounding=rounding),
+        cpu=lambda ext: ext.SgdPlan(p, b or [], m or [], f if b else [], **switches, rounding=rounding or [],
+                                    stochastic_rounding=rounding is not None),
+        device=lambda launch: DeviceSgdPlan(*args, **switches, launch=launch, rounding=rounding),
+        cuda_launch=CUDA_LAUNCH)
+
+
+CUDA_LAUNCH = cuda_launch("sgd", ("weight_decay", "momentum", "dampening"))
 
 
 # ---- the family (fasttricks/ops/family.py) ----------------------------------------

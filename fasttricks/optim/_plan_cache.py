@@ -25,7 +25,7 @@ through a container the optimizer controls and that counts its changes
 The check costs O(groups) per step plus the params still without grad, never
 a walk over every tensor. What a plan can verify itself at step time -- a
 param's grad, dtype, shape and layout (`p.data` swapped) -- it checks in its
-gather (csrc/cpu/plans.h, fasttricks/ops/_plan.py) before writing anything.
+gather (csrc/host/plans.h, fasttricks/ops/_plan.py) before writing anything.
 Of each state tensor it checks that it still holds the storage recorded for
 it, and that storage the same memory: `state_tensor.data = t` (the usual way
 of moving optimizer state between devices), `set_`, a reallocating `resize_`

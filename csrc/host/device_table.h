@@ -1,6 +1,5 @@
 // See device_table.cpp.
 #pragma once
-#include "multi_tensor.h"
 #include "tensor_table.h"
 
 #include <c10/core/Stream.h>

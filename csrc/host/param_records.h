@@ -3,8 +3,6 @@
 // a state tensor against their param, found_inf / grad_scale, step counters.
 #pragma once
 #include <ATen/ATen.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <c10/core/GradMode.h>
@@ -14,9 +12,6 @@
 #include <vector>
 
 namespace fasttricks {
-
-using at::vec::Vectorized;
-
 namespace cpu {
 
 // Inline loops, not IntArrayRef::equals: that calls memcmp, which was a

@@ -22,7 +22,8 @@
 // takes the full check, which raises before the step writes anything, and
 // runs through contiguous temporaries where layouts differ.
 #pragma once
-#include "multi_tensor.h"
+#include "cpu/chunks.h"
+#include "param_records.h"
 
 #include <string>
 

@@ -4,7 +4,7 @@
 // cost is one call with a hyper-parameter record (docs/performance.md: <= 20 us
 // for 161 tiny tensors). Its tensors live in a TensorTable (NOTE [tensor table]).
 #pragma once
-#include "multi_tensor.h"
+#include "fasttricks/rounding.h"
 #include "tensor_table.h"
 
 #include <optional>
