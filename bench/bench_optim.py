@@ -9,13 +9,15 @@ moments, and bf16 rounded to nearest, the same bytes without the rounding's
 arithmetic; speedup against our bf16 + master step, with the bytes moved and
 held per param); AdamW with gradient clipping, torch's clip_grad_norm_ then
 its fused step against our clip folded into the step, plain, under a
-GradScaler and bf16 with master weights; the host overhead of a step on 161 and on 10,000
+GradScaler and bf16 with master weights; the gradient norm alone (ours
+against torch's get_total_norm(foreach=True)); the host overhead of a step on 161 and on 10,000
 one-element tensors (torch fused and foreach beside it). Rows go to
 bench/results/optim_<device>.json.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -64,6 +66,8 @@ def bytes_per_elem(case, impl=None):
         return 28 if impl == "fasttricks_fused_unscale" else 36
     # Clipping: the norm reads the grads (4 B); torch's clip also reads and writes
     # them (8 B), and under AMP the scaler's unscale_ once more (8 B).
+    if case == "grad_norm":  # the norm alone: one read of the fp32 grads
+        return 4
     if case == "adamw_clip":
         return 32 if impl == "fasttricks" else 40
     if case == "adamw_clip_amp":
@@ -86,6 +90,10 @@ PRECISION_BYTES = {
     "torch_fused_bf16": (14, 6),            # torch keeps bf16 params' state in bf16, rounded to nearest
 }
 
+
+# What a case's speedup is against: the first of these it has (grad_norm: torch's
+# foreach norm; adamw_precision: our own bf16 + fp32 master step).
+PEERS = ("torch_fused", "torch_upcast_fused", "bf16_master", "torch_foreach")
 
 # The host-overhead cases of the tiny sets; the two-group ones run there only.
 TINY_CASES = ("adamw", "sgd_momentum", "adamw_two_groups", "sgd_two_groups")
@@ -208,6 +216,16 @@ def opt_cases(device):
         "fasttricks": clipped(lambda ps: fo.AdamW(ps, master_weights=True, **adam), ours_clip, torch.bfloat16),
         "torch_upcast_fused": lambda shapes: torch_upcast(shapes, clip)}
 
+    def norm_only(ours):  # the norm alone: ours (fasttricks/ops/norm.py) against torch's get_total_norm(foreach)
+        def factory(shapes):
+            params = make(shapes, device)
+            if ours:
+                return functools.partial(fo.AdamW(params, **adam).clip_grad_norm_, clip)
+            return functools.partial(torch.nn.utils.get_total_norm, [p.grad for p in params], 2.0, foreach=True)
+        return factory
+
+    cases["grad_norm"] = {"fasttricks": norm_only(True), "torch_foreach": norm_only(False)}
+
     def ours_precision(dtype, **kw):
         return lambda shapes: fo.AdamW(make(shapes, device, dtype), **adam, **kw).step
 
@@ -233,7 +251,7 @@ def main(argv=None):
     ap.add_argument("--cases", default=None, type=lambda s: s.split(","),
                     help="comma-separated subset of the cases (adamw, sgd_momentum, sgd_nesterov, "
                          "adamw_bf16_master, adamw_amp, adamw_clip, adamw_clip_amp, adamw_bf16_master_clip, "
-                         "adamw_precision)")
+                         "grad_norm, adamw_precision)")
     add_save_flag(ap)
     args = ap.parse_args(argv)
     device = args.device
@@ -252,7 +270,7 @@ def main(argv=None):
             fns = {name: factory(shapes) for name, factory in impls.items()}
             times = compare(fns, device=device, iters=TINY[set_name][0] if tiny else args.iters, warmup=3)
             warm = compare(fns, device=device, warmup=1, iters=10, block=TINY[set_name][1]) if tiny else {}
-            peer = next(p for p in ("torch_fused", "torch_upcast_fused", "bf16_master") if p in times)
+            peer = next(p for p in PEERS if p in times)
             for impl, t in times.items():
                 row = {"case": case, "shapes": set_name, "tensors": len(shapes), "params_M": numel / 1e6,
                        "impl": impl, "median_ms": t * 1e3, "speedup_vs_" + peer: times[peer] / t}
@@ -269,8 +287,7 @@ def main(argv=None):
                 rows.append(row)
             del fns
     for r in rows:
-        r["speedup"] = r.get("speedup_vs_torch_fused", r.get("speedup_vs_torch_upcast_fused",
-                                                              r.get("speedup_vs_bf16_master")))
+        r["speedup"] = next(r[f"speedup_vs_{p}"] for p in PEERS if f"speedup_vs_{p}" in r)
     # adamw_precision: speedup is against our own bf16 + fp32 master step
     print_table(rows, ["case", "shapes", "impl", "median_ms", "speedup", "GBps", "ceiling_GBps", "step_us_warm",
                        "bytes_moved_per_param", "bytes_held_per_param"])

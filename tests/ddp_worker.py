@@ -22,7 +22,8 @@ def full(tensors):
     return [t.full_tensor() if hasattr(t, "full_tensor") else t.detach() for t in tensors]
 
 
-def train(rank, world, init_file, out_dir, backend="cpu", wrap="ddp"):
+def train(rank, world, init_file, out_dir, backend="cpu", wrap="ddp", clip=False):
+    """`clip`: opt.clip_grad_norm_ before every step (its norms are saved)."""
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
@@ -39,11 +40,20 @@ def train(rank, world, init_file, out_dir, backend="cpu", wrap="ddp"):
     batches = Batches(x, y, 16, seed=0, shard=(rank, world))
     pwalks = PWALKS(opt, steps_per_epoch=len(batches), k=0.5)
     ema = EMA(opt, decay=0.8)
+    norms, reduces = [], []
     for epoch in range(3):
         batches.set_epoch(epoch)
         for xb, yb in batches:
             opt.zero_grad()
             F.cross_entropy(net(xb), yb).backward()
+            if clip:  # counting the all-reduces the norm takes
+                real, calls = dist.all_reduce, []
+                dist.all_reduce = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+                try:
+                    norms.append(opt.clip_grad_norm_(0.05))
+                finally:
+                    dist.all_reduce = real
+                reduces.append(len(calls))
             opt.step()
         pwalks.end_epoch()
     # BN statistics from each rank's shard, averaged across ranks.
@@ -51,9 +61,9 @@ def train(rank, world, init_file, out_dir, backend="cpu", wrap="ddp"):
     recalibrate_bn(torch.nn.Sequential(bn), [(xb, yb) for xb, yb in batches])
     plans = [type(plan).__name__ for entry in opt._ft_engine.cache.groups.values() for plan in entry.buckets]
     torch.save({"params": full(model.parameters()), "pwalks": full(pwalks.averages), "ema": full(ema.averages),
-                "plans": plans,
+                "plans": plans, "norms": full(norms), "all_reduces": reduces,
                 "bn": (bn.running_mean, bn.running_var), "shard_means": [xb.mean(0) for xb, _ in batches]},
-               f"{out_dir}/{wrap}_rank{rank}_of{world}.pt")
+               f"{out_dir}/{wrap}{'_clip' if clip else ''}_rank{rank}_of{world}.pt")
     if world > 1:
         # Both ranks past their last collective before either closes its
         # connections; then leave without the interpreter's teardown, where

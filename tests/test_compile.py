@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # precisions (fasttricks/kernels/__init__.py PRECISIONS) x 2^4 switches; SGD: 16 x (2^5 -
 # the 8 nesterov-without-momentum);
 # mixup: 4 dtypes x (flip, permutation); soft-target CE: 3 dtypes x 3 class
-# blocks x (forward, backward).
-EXPECTED_VARIANTS = 16 * 16 + 16 * 24 + 4 * 2 + 3 * 3 * 2
+# blocks x (forward, backward); the norm partials: 4 dtypes x (2, inf).
+EXPECTED_VARIANTS = 16 * 16 + 16 * 24 + 4 * 2 + 3 * 3 * 2 + 4 * 2
 
 
 @pytest.mark.parametrize("arch", [90, 80])
@@ -35,8 +35,8 @@ def test_triton_kernels_compile_ahead_of_time(tmp_path, arch):
         from triton.compiler import ASTSource
 
         def variants():
-            from fasttricks.kernels import adam, mixup, sgd, soft_ce
-            return [v for module in (adam, sgd, mixup, soft_ce) for v in module.aot_variants()]
+            from fasttricks.kernels import adam, mixup, norm, sgd, soft_ce
+            return [v for module in (adam, sgd, mixup, soft_ce, norm) for v in module.aot_variants()]
 
         def compile_range(bounds):
             names = []

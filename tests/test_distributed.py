@@ -51,6 +51,25 @@ def test_fsdp2_fully_shard(tmp_path, backend):
         torch.testing.assert_close(r0[key], single[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_fsdp2_clip_grad_norm_with_one_all_reduce(tmp_path, backend):
+    """opt.clip_grad_norm_ on FSDP2's sharded grads: each rank's norm of its
+    shards, one all-reduce, the clip folded into the step; the norms and the
+    training equal one process's (which clips whole grads)."""
+    pytest.importorskip("torch.distributed.fsdp").fully_shard
+    mp.spawn(ddp_worker.train, args=(2, str(tmp_path / "init"), str(tmp_path), backend, "fsdp2", True), nprocs=2,
+             join=True)
+    ddp_worker.train(0, 1, None, str(tmp_path), "reference", "fsdp2", True)
+    r0, r1 = (torch.load(tmp_path / f"fsdp2_clip_rank{r}_of2.pt") for r in (0, 1))
+    single = torch.load(tmp_path / "fsdp2_clip_rank0_of1.pt")
+    assert len(single["norms"]) == 12 and max(float(n) for n in single["norms"]) > 0.05  # the clip bites
+    assert r0["all_reduces"] == r1["all_reduces"] == [1] * 12 and single["all_reduces"] == [0] * 12
+    for key in ("norms", "params", "ema"):
+        for a, b in zip(r0[key], r1[key]):
+            assert torch.equal(a, b), key
+        torch.testing.assert_close(r0[key], single[key], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_demo_runs_under_torchrun(tmp_path):
     torchrun = shutil.which("torchrun")

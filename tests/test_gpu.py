@@ -334,3 +334,27 @@ def test_stochastic_rounding_compiles_once_over_steps():
     for _ in range(40):
         opt.step()
     assert sum(len(entry[0]) for entry in caches.values()) == before
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("norm_type", [2.0, float("inf")])
+def test_multi_tensor_norm_on_cuda(backend, dtype, norm_type):
+    """fasttricks/ops/norm.py's kernels against torch's norm in fp64, without a
+    host sync; a NaN anywhere makes the norm NaN."""
+    from fasttricks.ops.norm import NormPlans
+    params = make_params(GPU_SHAPES + [(300_001,)], dtype, device=CUDA)
+    for p in params:
+        p.grad = torch.randn_like(p) * 3
+    grads = [p.grad for p in params]
+    plans = NormPlans()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ours = plans.total_norm(params, grads, norm_type, backend)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    truth = torch.nn.utils.get_total_norm([g.double() for g in grads if g.numel()], norm_type)
+    torch.testing.assert_close(ours.double(), truth, rtol=1e-12 if dtype == torch.float64 else 2e-6, atol=0)
+    params[-1].grad[123_456] = float("nan")
+    assert torch.isnan(plans.total_norm(params, [p.grad for p in params], norm_type, backend))

@@ -53,6 +53,46 @@ void for_tensor_ranges(int64_t n, const F& fn) {
 // Units per block handed to a thread: 64K elements.
 constexpr int64_t kBlockUnits = 1024;
 
+// The tensor list flattened into units: which tensor each unit of the
+// flattened list belongs to, and the pieces a run of units covers.
+class UnitMap {
+ public:
+  explicit UnitMap(const std::vector<int64_t>& numels) : numels_(numels), unit_end_(numels.size()) {
+    for (size_t t = 0; t < numels.size(); ++t) {
+      units_ += (numels[t] + kUnitElems - 1) / kUnitElems;
+      unit_end_[t] = units_;
+      elems_ += numels[t];
+    }
+  }
+  int64_t units() const { return units_; }
+  int64_t blocks() const { return (units_ + kBlockUnits - 1) / kBlockUnits; }
+  // Small enough for one thread (kSerialElems, kParallelTensors).
+  bool serial() const { return elems_ < kSerialElems && static_cast<int64_t>(numels_.size()) < kParallelTensors; }
+
+  // fn(Chunk) on each tensor's piece of units [lo, hi), in order.
+  template <typename F>
+  void pieces(int64_t lo, int64_t hi, const F& fn) const {
+    const int64_t n = static_cast<int64_t>(numels_.size());
+    int64_t t = std::upper_bound(unit_end_.begin(), unit_end_.end(), lo) - unit_end_.begin();
+    for (; t < n && lo < hi; ++t) {
+      const int64_t first = t == 0 ? 0 : unit_end_[t - 1];
+      const int64_t stop = std::min(hi, unit_end_[t]);
+      if (stop > lo) fn(Chunk{t, (lo - first) * kUnitElems, std::min(numels_[t], (stop - first) * kUnitElems)});
+      lo = stop;
+    }
+  }
+  // fn(block, Chunk) on the pieces of block `block` (kBlockUnits units).
+  template <typename F>
+  void block_pieces(int64_t block, const F& fn) const {
+    pieces(block * kBlockUnits, std::min(units_, (block + 1) * kBlockUnits), [&](const Chunk& ch) { fn(block, ch); });
+  }
+
+ private:
+  const std::vector<int64_t>& numels_;
+  std::vector<int64_t> unit_end_;  // prefix sums of units per tensor
+  int64_t units_ = 0, elems_ = 0;
+};
+
 // One parallel region over all tensors, split by element count: each thread
 // takes one contiguous run of units of the flattened tensor list and calls fn
 // on the (tensor, begin, end) pieces of its run. Splitting by element count,
@@ -61,34 +101,35 @@ constexpr int64_t kBlockUnits = 1024;
 // elements, and a memory-bound step then runs at the speed of that core.
 template <typename F>
 void run_chunks(const std::vector<int64_t>& numels, const F& fn) {
-  const int64_t n = static_cast<int64_t>(numels.size());
-  std::vector<int64_t> unit_end(n);  // prefix sums of units per tensor
-  int64_t units = 0, total = 0;
-  for (int64_t t = 0; t < n; ++t) {
-    units += (numels[t] + kUnitElems - 1) / kUnitElems;
-    unit_end[t] = units;
-    total += numels[t];
-  }
-  auto run = [&](int64_t lo, int64_t hi) {  // units [lo, hi)
-    int64_t t = std::upper_bound(unit_end.begin(), unit_end.end(), lo) - unit_end.begin();
-    for (; t < n && lo < hi; ++t) {
-      const int64_t first = t == 0 ? 0 : unit_end[t - 1];
-      const int64_t stop = std::min(hi, unit_end[t]);
-      if (stop > lo) fn(Chunk{t, (lo - first) * kUnitElems, std::min(numels[t], (stop - first) * kUnitElems)});
-      lo = stop;
-    }
-  };
-  if (total < kSerialElems && n < kParallelTensors) return run(0, units);
+  const UnitMap map(numels);
+  if (map.serial()) return map.pieces(0, map.units(), fn);
   // Threads take fixed-size blocks of units from a shared counter, so a core
   // that finishes early (small tensors restart the prefetchers more often)
   // helps with the rest; blocks go out in order, so the cores stream
   // neighbouring memory.
-  const int64_t blocks = (units + kBlockUnits - 1) / kBlockUnits;
+  const int64_t blocks = map.blocks();
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), blocks), 1, [&](int64_t, int64_t) {
     for (int64_t b; (b = next.fetch_add(1, std::memory_order_relaxed)) < blocks;) {
-      run(b * kBlockUnits, std::min(units, (b + 1) * kBlockUnits));
+      map.block_pieces(b, [&](int64_t, const Chunk& ch) { fn(ch); });
     }
+  });
+}
+
+// The same walk for a reduction: fn(block, chunk) on the pieces of each of
+// `map`'s blocks. A block's pieces never depend on the thread that runs it,
+// so a reduction that keeps one partial per block and sums them in block
+// order gives the same bits every run.
+template <typename F>
+void reduce_blocks(const UnitMap& map, const F& fn) {
+  const int64_t blocks = map.blocks();
+  if (map.serial()) {
+    for (int64_t b = 0; b < blocks; ++b) map.block_pieces(b, fn);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), blocks), 1, [&](int64_t, int64_t) {
+    for (int64_t b; (b = next.fetch_add(1, std::memory_order_relaxed)) < blocks;) map.block_pieces(b, fn);
   });
 }
 

@@ -59,6 +59,7 @@ void mixup_blend_rows(const at::Tensor& x, const at::Tensor& out, const at::Tens
 std::tuple<at::Tensor, at::Tensor> soft_ce_forward(const at::Tensor& logits, const at::Tensor& y_a,
                                                    const at::Tensor& y_b, const at::Tensor& lam, double on,
                                                    double off);
+at::Tensor total_norm(const std::vector<at::Tensor>& tensors, double norm_type);
 at::Tensor soft_ce_backward(const at::Tensor& logits, const at::Tensor& lse, const at::Tensor& y_a,
                             const at::Tensor& y_b, const at::Tensor& lam, const at::Tensor& grad_loss,
                             double on, double off);
@@ -103,6 +104,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("soft_ce_backward", &ftc::soft_ce_backward, py::arg("logits"), py::arg("lse"), py::arg("y_a"),
         py::arg("y_b"), py::arg("lam"), py::arg("grad_loss"), py::arg("on"), py::arg("off"),
         "Its gradient with respect to the logits, in their dtype");
+
+  m.def("total_norm", &ftc::total_norm, py::arg("tensors"), py::arg("norm_type"),
+        "The norm (2 or inf) of the tensors taken as one vector: float32 (float64 if one is), one parallel pass");
 
   py::class_<ftc::AdamPlan>(m, "AdamPlan", py::dynamic_attr())
       .def(py::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,

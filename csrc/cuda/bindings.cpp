@@ -102,6 +102,23 @@ void sgd_step(const at::Tensor& ptrs, const at::Tensor& numels, const at::Tensor
                                c10::cuda::getCurrentCUDAStream()), "sgd");
 }
 
+void norm_partials(const at::Tensor& ptrs, const at::Tensor& numels, const at::Tensor& chunk_tensor,
+                   const at::Tensor& chunk_start, int64_t n_tensors, const py::kwargs& kwargs) {
+  Keywords k(kwargs, "norm_partials");
+  const auto out = k.get<at::Tensor>("out");
+  const auto grad_dtype = k.get<at::ScalarType>("grad_dtype");
+  const bool inf = k.get<bool>("inf");
+  const int grad_row = static_cast<int>(k.get<int64_t>("grad_row"));
+  k.check_all_read();
+  const ftc::Tables tables = make_tables(ptrs, numels, chunk_tensor, chunk_start, n_tensors);
+  TORCH_CHECK(out.is_cuda() && out.is_contiguous() && out.numel() >= tables.n_chunks &&
+                  out.scalar_type() == (grad_dtype == at::kDouble ? at::kDouble : at::kFloat),
+              "norm_partials: out must be a contiguous CUDA tensor of one fp32 (fp64 for fp64 grads) per chunk");
+  const c10::cuda::CUDAGuard guard(ptrs.device());
+  check_launch(ftc::launch_norm_partials(tables, grad_row, to_dtype(grad_dtype), inf, out.data_ptr(),
+                                         c10::cuda::getCurrentCUDAStream()), "norm");
+}
+
 void mixup_blend_rows(const at::Tensor& x, const at::Tensor& out, const at::Tensor& lam,
                       const std::optional<at::Tensor>& perm) {
   TORCH_CHECK(x.is_cuda() && out.is_cuda() && lam.is_cuda(), "mixup: the cuda backend needs CUDA tensors");
@@ -125,6 +142,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("n_tensors"), "Adam/AdamW over a packed table; hyper-parameters and switches by keyword");
   m.def("sgd_step", &sgd_step, py::arg("ptrs"), py::arg("numels"), py::arg("chunk_tensor"), py::arg("chunk_start"),
         py::arg("n_tensors"), "SGD/SGDW over a packed table; hyper-parameters and switches by keyword");
+  m.def("norm_partials", &norm_partials, py::arg("ptrs"), py::arg("numels"), py::arg("chunk_tensor"),
+        py::arg("chunk_start"), py::arg("n_tensors"),
+        "Per-chunk sums of squares (or largest |x|) of a packed table's grad row; out, grad_dtype, inf, grad_row "
+        "by keyword");
   m.def("mixup_blend_rows", &mixup_blend_rows, py::arg("x"), py::arg("out"), py::arg("lam"),
         py::arg("perm") = py::none());
 }

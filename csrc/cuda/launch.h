@@ -54,6 +54,11 @@ struct SgdArgs : StepArgs {
 cudaError_t launch_adam(const Tables& tables, const AdamArgs& args, cudaStream_t stream);
 cudaError_t launch_sgd(const Tables& tables, const SgdArgs& args, cudaStream_t stream);
 
+// Norm partials over the grad row `grad_row` (norm_kernels.cu): out[c], of
+// Math<grad>::type, gets chunk c's sum of squares, or its largest |x| when inf.
+cudaError_t launch_norm_partials(const Tables& tables, int grad_row, DType grad, bool inf, void* out,
+                                 cudaStream_t stream);
+
 // Mixup blend of [rows, row_elems] (mixup_kernels.cu): perm == nullptr is flip
 // pairing (out may equal x; the middle row of an odd batch is not written),
 // otherwise out[i] blends x[i] with x[perm[i]].

@@ -51,7 +51,7 @@ import torch
 from fasttricks import _backends
 from fasttricks.ops.family import Family
 from fasttricks.ops.precision import check_precision_options, rounds_stochastically, state_dtype, uses_master
-from fasttricks.ops._plan import is_dtensor
+from fasttricks.ops.norm import NormPlans
 from fasttricks.optim import _clip, _compat, _compiled
 from fasttricks.optim._engine import RoundingSteps, StepEngine
 from fasttricks.optim._tracked import StateDict, plain
@@ -295,19 +295,20 @@ class FusedOptimizerMixin:
         max_norm = float(max_norm)
         if not max_norm >= 0.0:
             raise ValueError(f"max_norm must be >= 0, got {max_norm}")
-        grads = _clip.grads_of(self.param_groups)
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         self._ft_clip.clear()
-        if not grads:
+        if not params:
             return torch.tensor(0.0)
-        norm = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite, foreach)
+        backends = {self.group_options(g)["backend"] for g in self.param_groups}
+        plans = self.__dict__.setdefault("_ft_norm_plans", NormPlans())  # not pickled: rebuilt on use
+        norm, step_norm = _clip.total_norm(params, norm_type, error_if_nonfinite, foreach,
+                                           backends.pop() if len(backends) == 1 else "auto", plans)
         # In place where the step cannot take it as a scale: DTensor or sparse
         # grads, grads on several devices, a step torch takes itself.
-        if (inplace or len({g.device for g in grads}) > 1 or any(g.is_sparse or is_dtensor(g) for g in grads)
-                or any(group.get("differentiable") for group in self.param_groups)):
-            torch.nn.utils.clip_grads_with_norm_([p for g in self.param_groups for p in g["params"]],
-                                                 max_norm, norm, foreach)
+        if inplace or step_norm is None or any(group.get("differentiable") for group in self.param_groups):
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach)
         else:
-            self._ft_clip.append(_clip.PendingClip(norm, max_norm))
+            self._ft_clip.append(_clip.PendingClip(step_norm, max_norm))
         return norm
 
     def zero_grad(self, set_to_none: bool = True) -> None:
