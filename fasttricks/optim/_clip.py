@@ -62,9 +62,9 @@ class PendingClip:
 def total_norm(params, norm_type: float, error_if_nonfinite: bool, foreach, backend: str, plans: NormPlans):
     """(norm as torch returns it, norm for the step or None) of the grads of
     `params` (all with a grad). None for the step where it cannot take the
-    clip as a scale (grads on several devices, sparse or DTensor grads): the
-    caller clips those in place, as torch does. `backend`: the optimizer's
-    (possibly "auto")."""
+    clip as a scale (grads on several devices, sparse grads, DTensors not
+    sharded over one 1-D mesh): the caller clips those in place, as torch
+    does. `backend`: the optimizer's (possibly "auto")."""
     grads = [p.grad for p in params]
     if any(is_dtensor(g) for g in grads):
         sharded = _sharded_norm(grads, float(norm_type), error_if_nonfinite, backend, plans)
