@@ -270,7 +270,7 @@ def test_cuda_launch_passes_the_keywords_the_binding_reads(family, monkeypatch):
     passes are held equal here to those bindings.cpp reads."""
     from fasttricks.ops import adam as ops_adam, sgd as ops_sgd
     source = (ROOT / "csrc" / "cuda" / "bindings.cpp").read_text()
-    expected = _binding_keywords(source, "step_args") | _binding_keywords(source, f"{family}_step")
+    expected = _binding_keywords(source, "step_args") | _binding_keywords(source, f"{family}_args")
     calls = []
 
     class FakeCudaExt:

@@ -50,6 +50,23 @@ ftc::SgdHyper sgd_hyper(py::handle h) {
           py::float_(f(5)), static_cast<uint32_t>(f(6).cast<uint64_t>())};
 }
 
+// What both plan classes bind alike: step (reading the family's hyper
+// record with `hyper`), set_averages, check and len; the constructor and
+// family-only methods are added by the caller.
+template <typename Plan, auto hyper>
+py::class_<Plan> bind_plan(py::module_& m, const char* name) {
+  return py::class_<Plan>(m, name, py::dynamic_attr())
+      .def("step",
+           [](Plan& plan, py::handle record, const std::optional<at::Tensor>& grad_scale,
+              const std::optional<at::Tensor>& found_inf, double avg_coef) {
+             return plan.step(hyper(record), grad_scale, found_inf, avg_coef);
+           },
+           py::arg("hyper"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("avg_coef"))
+      .def("set_averages", &Plan::set_averages)
+      .def("check", &Plan::check)
+      .def("__len__", &Plan::size);
+}
+
 }  // namespace
 
 namespace fasttricks {
@@ -108,39 +125,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("total_norm", &ftc::total_norm, py::arg("tensors"), py::arg("norm_type"),
         "The norm (2 or inf) of the tensors taken as one vector: float32 (float64 if one is), one parallel pass");
 
-  py::class_<ftc::AdamPlan>(m, "AdamPlan", py::dynamic_attr())
+  bind_plan<ftc::AdamPlan, adam_hyper>(m, "AdamPlan")
       .def(py::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                     std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, bool,
                     bool, std::vector<int64_t>, bool>(),
            py::arg("params"), py::arg("steps"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
            py::arg("max_exp_avg_sqs"), py::arg("masters"), py::arg("amsgrad"), py::arg("decoupled"),
-           py::arg("rounding") = std::vector<int64_t>{}, py::arg("stochastic_rounding") = false)
-      .def("step",
-           [](ftc::AdamPlan& plan, py::handle hyper, const std::optional<at::Tensor>& grad_scale,
-              const std::optional<at::Tensor>& found_inf, double avg_coef) {
-             return plan.step(adam_hyper(hyper), grad_scale, found_inf, avg_coef);
-           },
-           py::arg("hyper"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("avg_coef"))
-      .def("set_averages", &ftc::AdamPlan::set_averages)
-      .def("check", &ftc::AdamPlan::check)
-      .def("__len__", &ftc::AdamPlan::size);
+           py::arg("rounding") = std::vector<int64_t>{}, py::arg("stochastic_rounding") = false);
 
-  py::class_<ftc::SgdPlan>(m, "SgdPlan", py::dynamic_attr())
+  bind_plan<ftc::SgdPlan, sgd_hyper>(m, "SgdPlan")
       .def(py::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                     std::vector<bool>, bool, bool, std::vector<int64_t>, bool>(),
            py::arg("params"), py::arg("momentum_buffers"), py::arg("masters"),
            py::arg("first_step"), py::arg("nesterov"), py::arg("decoupled"),
            py::arg("rounding") = std::vector<int64_t>{}, py::arg("stochastic_rounding") = false)
-      .def("step",
-           [](ftc::SgdPlan& plan, py::handle hyper, const std::optional<at::Tensor>& grad_scale,
-              const std::optional<at::Tensor>& found_inf, double avg_coef) {
-             return plan.step(sgd_hyper(hyper), grad_scale, found_inf, avg_coef);
-           },
-           py::arg("hyper"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("avg_coef"))
-      .def("set_averages", &ftc::SgdPlan::set_averages)
-      .def("check", &ftc::SgdPlan::check)
-      .def("first_step_flags", &ftc::SgdPlan::first_step_flags)
-      .def("__len__", &ftc::SgdPlan::size);
+      .def("first_step_flags", &ftc::SgdPlan::first_step_flags);
 
   py::class_<ftc::DeviceTable>(m, "DeviceTable")
       .def(py::init<std::string, std::vector<at::Tensor>, std::vector<std::vector<at::Tensor>>, int64_t,

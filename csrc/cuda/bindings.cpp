@@ -74,32 +74,33 @@ void check_launch(cudaError_t err, const char* kernel) {
   TORCH_CHECK(err == cudaSuccess, "fasttricks ", kernel, " kernel: ", cudaGetErrorString(err));
 }
 
-// The launches: the packed table (fasttricks/ops/_device.py) by position, the
-// rest by keyword, named as the Triton launches of fasttricks/kernels/ name them.
-void adam_step(const at::Tensor& ptrs, const at::Tensor& numels, const at::Tensor& chunk_tensor,
-               const at::Tensor& chunk_start, int64_t n_tensors, const py::kwargs& kwargs) {
-  Keywords k(kwargs, "adam_step");
+// Each family's arguments, read by keyword.
+ftc::AdamArgs adam_args(Keywords& k) {
   const ftc::StepArgs common = step_args(k);
   const double beta1 = k.get<double>("beta1"), beta2 = k.get<double>("beta2");
-  const ftc::AdamArgs a{common, 1.0 - beta1, 1.0 - beta2, k.get<double>("eps"), k.get<double>("weight_decay"),
-                        k.get<bool>("amsgrad"), k.get<bool>("decoupled")};
-  k.check_all_read();
-  const c10::cuda::CUDAGuard guard(ptrs.device());
-  check_launch(ftc::launch_adam(make_tables(ptrs, numels, chunk_tensor, chunk_start, n_tensors), a,
-                                c10::cuda::getCurrentCUDAStream()), "adam");
+  return {common, 1.0 - beta1, 1.0 - beta2, k.get<double>("eps"), k.get<double>("weight_decay"),
+          k.get<bool>("amsgrad"), k.get<bool>("decoupled")};
 }
 
-void sgd_step(const at::Tensor& ptrs, const at::Tensor& numels, const at::Tensor& chunk_tensor,
-              const at::Tensor& chunk_start, int64_t n_tensors, const py::kwargs& kwargs) {
-  Keywords k(kwargs, "sgd_step");
+ftc::SgdArgs sgd_args(Keywords& k) {
   const ftc::StepArgs common = step_args(k);
   const double momentum = k.get<double>("momentum");
-  const ftc::SgdArgs a{common, k.get<double>("weight_decay"), momentum, k.get<double>("dampening"), momentum != 0.0,
-                       k.get<bool>("nesterov"), k.get<bool>("decoupled")};
+  return {common, k.get<double>("weight_decay"), momentum, k.get<double>("dampening"), momentum != 0.0,
+          k.get<bool>("nesterov"), k.get<bool>("decoupled")};
+}
+
+// One optimizer step over a packed table (fasttricks/ops/_device.py), the table
+// by position and the rest by keyword, named as the Triton launches of
+// fasttricks/kernels/ name them; bound once per family (adam_step, sgd_step).
+template <typename Args, Args (*read)(Keywords&), cudaError_t (*launch)(const ftc::Tables&, const Args&, cudaStream_t)>
+void optim_step(const at::Tensor& ptrs, const at::Tensor& numels, const at::Tensor& chunk_tensor,
+                const at::Tensor& chunk_start, int64_t n_tensors, const py::kwargs& kwargs) {
+  Keywords k(kwargs, "optimizer_step");
+  const Args a = read(k);
   k.check_all_read();
   const c10::cuda::CUDAGuard guard(ptrs.device());
-  check_launch(ftc::launch_sgd(make_tables(ptrs, numels, chunk_tensor, chunk_start, n_tensors), a,
-                               c10::cuda::getCurrentCUDAStream()), "sgd");
+  check_launch(launch(make_tables(ptrs, numels, chunk_tensor, chunk_start, n_tensors), a,
+                      c10::cuda::getCurrentCUDAStream()), "optimizer");
 }
 
 void norm_partials(const at::Tensor& ptrs, const at::Tensor& numels, const at::Tensor& chunk_tensor,
@@ -138,10 +139,10 @@ void mixup_blend_rows(const at::Tensor& x, const at::Tensor& out, const at::Tens
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fasttricks fused CUDA kernels (multi-tensor, pointer tables)";
-  m.def("adam_step", &adam_step, py::arg("ptrs"), py::arg("numels"), py::arg("chunk_tensor"), py::arg("chunk_start"),
-        py::arg("n_tensors"), "Adam/AdamW over a packed table; hyper-parameters and switches by keyword");
-  m.def("sgd_step", &sgd_step, py::arg("ptrs"), py::arg("numels"), py::arg("chunk_tensor"), py::arg("chunk_start"),
-        py::arg("n_tensors"), "SGD/SGDW over a packed table; hyper-parameters and switches by keyword");
+  m.def("adam_step", &optim_step<ftc::AdamArgs, adam_args, ftc::launch_adam>, py::arg("ptrs"), py::arg("numels"),
+        py::arg("chunk_tensor"), py::arg("chunk_start"), py::arg("n_tensors"), "Adam/AdamW over a packed table; hyper-parameters and switches by keyword");
+  m.def("sgd_step", &optim_step<ftc::SgdArgs, sgd_args, ftc::launch_sgd>, py::arg("ptrs"), py::arg("numels"),
+        py::arg("chunk_tensor"), py::arg("chunk_start"), py::arg("n_tensors"), "SGD/SGDW over a packed table; hyper-parameters and switches by keyword");
   m.def("norm_partials", &norm_partials, py::arg("ptrs"), py::arg("numels"), py::arg("chunk_tensor"),
         py::arg("chunk_start"), py::arg("n_tensors"),
         "Per-chunk sums of squares (or largest |x|) of a packed table's grad row; out, grad_dtype, inf, grad_row "
