@@ -130,9 +130,8 @@ class DevicePlan(PlanBase):
         if not n:
             return 0
         found_inf, grad_scale = self.on_device(found_inf), self.on_device(grad_scale)
-        guard = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         try:
-            with guard:
+            with self.device_guard():
                 self.launch(tables, hyper, param_dtype=self.param_dtype, state_dtype=self.state_dtype,
                             grad_scale=grad_scale, found_inf=found_inf, avg_coef=avg_coef,
                             average=self.averages is not None and avg_coef != 0, device=self.device, **self.switches)
@@ -146,6 +145,10 @@ class DevicePlan(PlanBase):
         self.write_back(writeback)
         self.after_step(found_inf)
         return n
+
+    def device_guard(self):
+        """The plan's GPU made current for a launch (Triton and the CUDA binding launch on the current device)."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     def after_step(self, found_inf) -> None:
         """Host bookkeeping after a launch (SGD's first-step flags)."""

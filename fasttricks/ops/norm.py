@@ -14,13 +14,13 @@ the grads' dtype, which NormPlans.total_norm's caller casts to.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 
 from fasttricks import _backends
 from fasttricks.ops._device import DevicePlan
+from fasttricks.ops._plan import opmath_dtype
 
 __all__ = ["KERNEL_NORM_TYPES", "reference_total_norm", "NormPlans"]
 
@@ -48,7 +48,7 @@ def _combine(partials: list[torch.Tensor], norm_type: float) -> torch.Tensor:
     """The total norm from per-chunk partials (sums of squares, or largest |x|), on their device."""
     flat = torch.cat([p.double() for p in partials]) if len(partials) > 1 else partials[0].double()
     total = flat.amax() if math.isinf(norm_type) else flat.sum().sqrt()
-    return total.to(torch.float64 if any(p.dtype == torch.float64 for p in partials) else torch.float32)
+    return total.to(_accumulate_dtype(partials))
 
 
 class DeviceNormPlan(DevicePlan):
@@ -66,10 +66,8 @@ class DeviceNormPlan(DevicePlan):
         n, tables, _, keep = self.pack()  # grads laid out unlike their params are read from temporaries
         if not n:
             return None
-        out = torch.empty(tables[5], dtype=torch.float64 if self.param_dtype == torch.float64 else torch.float32,
-                          device=self.device)
-        guard = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
-        with guard:
+        out = torch.empty(tables[5], dtype=opmath_dtype(self.param_dtype), device=self.device)
+        with self.device_guard():
             self.launch(tables, out, grad_dtype=self.param_dtype, inf=inf, grad_row=self.ROWS.index("grad"))
         del keep
         return out

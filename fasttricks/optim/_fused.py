@@ -300,11 +300,14 @@ class FusedOptimizerMixin:
         if not params:
             return torch.tensor(0.0)
         backends = {self.group_options(g)["backend"] for g in self.param_groups}
-        plans = self.__dict__.setdefault("_ft_norm_plans", NormPlans())  # not pickled: rebuilt on use
+        plans = self.__dict__.get("_ft_norm_plans")
+        if plans is None:  # not pickled: built on first use
+            plans = self._ft_norm_plans = NormPlans()
         norm, step_norm = _clip.total_norm(params, norm_type, error_if_nonfinite, foreach,
                                            backends.pop() if len(backends) == 1 else "auto", plans)
-        # In place where the step cannot take it as a scale: DTensor or sparse
-        # grads, grads on several devices, a step torch takes itself.
+        # In place where the step cannot take it as a scale (no step_norm: grads on
+        # several devices, sparse grads, DTensors not sharded over one 1-D mesh),
+        # or where torch takes the step itself.
         if inplace or step_norm is None or any(group.get("differentiable") for group in self.param_groups):
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach)
         else:
